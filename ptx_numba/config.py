@@ -1,0 +1,41 @@
+"""Tunables and shared constants, kept in one place so tests can patch them.
+
+Nothing here is computed at import time beyond reading environment variables.
+"""
+import os
+
+#: Environment variable that overrides ``backend="auto"`` (e.g. ``PTX_NUMBA_BACKEND=reference``).
+BACKEND_ENV_VAR = "PTX_NUMBA_BACKEND"
+
+#: Default label value that marks a row as ignored (PyTorch's convention).
+DEFAULT_IGNORE_INDEX = -100
+
+# --- CPU kernel -------------------------------------------------------------------------------
+#: Fast-math flags for the CPU kernels. Deliberately *not* ``fastmath=True``: that includes
+#: ``nnan``/``ninf``, under which comparisons with ``-inf`` (masked vocabulary entries) are undefined.
+#: ``reassoc`` lets LLVM vectorize the float32 sum; ``contract`` lets it fuse multiply-adds.
+CPU_FASTMATH = frozenset({"nsz", "arcp", "contract", "afn", "reassoc"})
+
+#: Elements per chunk in the CPU kernel. A chunk is summed in float32 lanes and then added to a
+#: float64 row accumulator, so this bounds float32 rounding (each lane sums CHUNK/lanes terms) while
+#: keeping the chunk in L1 for the rare second pass (a re-scan when the running max is stale).
+CPU_CHUNK = 2048
+
+#: A chunk whose float32 exp-sum exceeds this (or overflows) is re-scanned with an exact max.
+#: e**20 ~ 4.9e8: terms up to e**20 keep float32 lanes far from overflow and lose < 2e-6 to rounding.
+CPU_RESCAN_TRIGGER = 4.0e8
+
+#: Minimum elements per thread-piece when one row is split across threads (small-N case).
+CPU_MIN_SEGMENT = 16384
+
+# --- CUDA kernel ------------------------------------------------------------------------------
+#: Threads per block for the row-per-block kernel (a multiple of 32). Tests shrink it.
+CUDA_THREADS_PER_BLOCK = int(os.environ.get("PTX_NUMBA_CUDA_TPB", "256"))
+
+#: Host (NumPy) inputs go to the GPU under ``auto`` only when they are at least this large (bytes):
+#: below it the host->device copy costs more than the CPU kernel. See docs/performance.md.
+CUDA_AUTO_MIN_HOST_BYTES = 64 * 1024 * 1024
+
+# --- CLI --------------------------------------------------------------------------------------
+#: Target bytes of logits per block when ``ptx-numba score`` streams a memory-mapped file.
+SCORE_BLOCK_BYTES = 64 * 1024 * 1024
