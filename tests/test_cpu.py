@@ -1,0 +1,105 @@
+"""The fused CPU kernel: internal paths (chunk rescans, row splitting, slow path) and caching."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from scipy.special import logsumexp as scipy_lse
+
+from ptx_numba import _validate, config, cpu
+
+pytestmark = pytest.mark.skipif(not cpu.is_available()[0], reason="numba unavailable")
+
+
+def _exact(z64, labels):
+    lse = scipy_lse(z64, axis=1)
+    return lse, lse - z64[np.arange(len(labels)), labels]
+
+
+def _run(raw, labels):
+    x, _, _ = _validate.as_host_logits(raw)
+    return cpu.row_stats(x, np.asarray(labels, dtype=np.int64), -100)
+
+
+def _rel(a, b):
+    return np.max(np.abs(a - b) / np.maximum(1.0, np.abs(b)))
+
+
+@pytest.mark.parametrize("jump", [25.0, 60.0, 95.0, 300.0, 3e4])
+def test_late_large_logit_triggers_rescan(rng, jump):
+    # the running shift is the first chunk's max; a much larger value chunks later must be caught
+    v = 5 * config.CPU_CHUNK + 17
+    z = rng.standard_normal((3, v)).astype(np.float32)
+    z[0, 4 * config.CPU_CHUNK + 3] += jump
+    z[1, -1] += jump
+    z[2, config.CPU_CHUNK:] += jump  # every later chunk jumps
+    labels = [4 * config.CPU_CHUNK + 3, v - 1, 0]
+    lse, ce = _run(z, labels)
+    want_lse, want_ce = _exact(z.astype(np.float64), labels)
+    assert _rel(lse, want_lse) < 2e-5 and _rel(ce, want_ce) < 2e-5
+
+
+def test_leading_masked_chunks(rng):
+    v = 3 * config.CPU_CHUNK + 5
+    z = rng.standard_normal((2, v)).astype(np.float32)
+    z[:, : 2 * config.CPU_CHUNK + 1] = -np.inf
+    lse, ce = _run(z, [v - 1, 2 * config.CPU_CHUNK + 1])
+    want_lse, want_ce = _exact(z.astype(np.float64), [v - 1, 2 * config.CPU_CHUNK + 1])
+    assert _rel(lse, want_lse) < 2e-5 and _rel(ce, want_ce) < 2e-5
+
+
+@pytest.mark.parametrize("n_rows", [1, 2, 3, 5])
+def test_row_split_matches_whole_rows(rng, n_rows, monkeypatch):
+    v = 7 * config.CPU_MIN_SEGMENT + 123
+    z = (rng.standard_normal((n_rows, v)) * 4 + 1e4).astype(np.float32)
+    z[0, :: 7] = -np.inf
+    labels = rng.integers(0, v, n_rows)
+    labels[0] = 1
+    assert cpu.pieces_per_row(n_rows, v, n_threads=8) > 1
+    monkeypatch.setattr(cpu.numba, "get_num_threads", lambda: 8)  # force several pieces
+    lse, ce = _run(z, labels)
+    want_lse, want_ce = _exact(z.astype(np.float64), labels)
+    assert _rel(lse, want_lse) < 2e-5 and _rel(ce, want_ce) < 2e-5
+
+
+def test_pieces_per_row_policy():
+    assert cpu.pieces_per_row(512, 128256, n_threads=2) == 1
+    assert cpu.pieces_per_row(1, 262144, n_threads=2) == 8
+    assert cpu.pieces_per_row(1, 1000, n_threads=2) == 1  # too short to split
+    assert cpu.pieces_per_row(0, 1000, n_threads=2) == 1
+
+
+def test_ignore_index_inside_vocab_range_is_guarded(rng):
+    # a label equal to ignore_index is never used as an index, whatever its value
+    z = rng.standard_normal((4, 10)).astype(np.float32)
+    x, _, _ = _validate.as_host_logits(z)
+    _, ce = cpu.row_stats(x, np.array([3, 3, 1, 3]), 3)
+    assert ce[0] == ce[1] == ce[3] == 0.0
+    assert np.isclose(ce[2], scipy_lse(z[2].astype(np.float64)) - z[2, 1], rtol=2e-6)
+
+
+def test_stream_read_sums_every_element(rng):
+    z = rng.standard_normal((5, 70001)).astype(np.float32)
+    assert np.isclose(cpu.stream_read(z), z.astype(np.float64).sum(), rtol=1e-4, atol=1e-2)
+
+
+def test_kernel_is_loaded_from_cache_in_a_new_process(tmp_path):
+    """A second process must load the compiled kernel from Numba's disk cache, not recompile."""
+    script = textwrap.dedent(
+        """
+        import numpy as np, ptx_numba as pn
+        from ptx_numba import cpu
+        pn.cross_entropy(np.zeros((2, 3), np.float32), [0, 1], backend="cpu")
+        print(sum(len(d.stats.cache_hits) for d in (cpu._pieces_kernel, cpu._finish_kernel)),
+              sum(len(d.stats.cache_misses) for d in (cpu._pieces_kernel, cpu._finish_kernel)))
+        """
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    hits1, misses1 = map(int, first.stdout.split())
+    hits2, misses2 = map(int, second.stdout.split())
+    assert misses1 >= 1 and hits1 == 0  # the first process compiled
+    assert hits2 >= 2 and misses2 == 0  # the second loaded both kernels from the cache
