@@ -141,6 +141,7 @@ def _encode_logits(arr: np.ndarray) -> tuple[np.ndarray, str]:
 def as_host_logits(logits: Any) -> tuple[np.ndarray, tuple, str]:
     """Validate logits; return ``(encoded [N, V] array, batch_shape, source_dtype)``."""
     arr, tag = _as_numpy(logits, "logits")
+    arr = arr if arr.dtype.isnative else arr.astype(arr.dtype.newbyteorder("="))  # before any .view
     if tag is None:
         arr, tag = _encode_logits(arr)
     if arr.ndim < 2:
@@ -216,7 +217,8 @@ def as_host_labels(labels: Any, batch_shape: tuple, vocab: int, ignore_index: in
     """Validate labels against the logits; return a flat int64 copy ``[N]``."""
     if is_device_array(labels):
         raise TypeError("labels are on the GPU but logits are on the host; put both on the same device")
-    arr, _ = _as_numpy(labels, "labels")
+    arr, tag = _as_numpy(labels, "labels")
+    arr = arr if tag is None else decode_to_float64(arr)  # torch f16/bf16 labels arrive as raw bits
     flat = labels_to_int64(arr)
     if flat.shape != tuple(batch_shape):
         raise ValueError(
@@ -265,7 +267,8 @@ def check_reduction(reduction: Any) -> str:
 def decode_to_float64(x: np.ndarray) -> np.ndarray:
     """Decode an encoded logits array (see module docstring) to float64 values, exactly."""
     if x.dtype == BF16:
-        return (x.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+        with np.errstate(invalid="ignore"):  # signalling-NaN bit patterns must not warn
+            return (x.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
     if x.dtype == F16:
         return x.view(np.float16).astype(np.float64)
     return x.astype(np.float64, copy=False)

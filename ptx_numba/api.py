@@ -36,8 +36,12 @@ class PTXLoss(NamedTuple):
     ce: float  #: mean cross entropy over non-ignored rows (0.0 if there are none)
 
 
-class KernelUnavailable(RuntimeError):
-    """Raised by a compiled backend whose kernel cannot be compiled or loaded here."""
+class KernelUnavailable(_dispatch.BackendUnavailableError):
+    """Raised by a compiled backend whose kernel cannot be compiled or loaded here.
+
+    Under ``backend="auto"`` it triggers the fallback to the reference; with an explicit backend it
+    reaches the caller (it is a :class:`BackendUnavailableError`).
+    """
 
 
 def _run_host(backend: object, batch_nbytes: int, call: Callable[[Any], Any]) -> Any:
@@ -109,6 +113,8 @@ def cross_entropy(
     """
     reduction = check_reduction(reduction)
     ignore_index = check_ignore_index(ignore_index)
+    if labels is None:  # prepare_host reads None as "no labels" (logsumexp)
+        raise TypeError("labels is None; expected an array")
     if is_device_array(logits):
         return _device_backend(backend).device_cross_entropy(logits, labels, ignore_index, reduction)
     batch = prepare_host(logits, labels, ignore_index)
@@ -178,6 +184,8 @@ def ptx_loss(
     rl = check_finite_scalar(rl_loss, "rl_loss")
     b = check_finite_scalar(beta, "beta")
     ignore_index = check_ignore_index(ignore_index)
+    if labels is None:  # prepare_host reads None as "no labels" (logsumexp)
+        raise TypeError("labels is None; expected an array")
     if is_device_array(logits):
         total, count = _device_backend(backend).device_cross_entropy_sum(logits, labels, ignore_index)
     else:

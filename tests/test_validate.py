@@ -1,0 +1,505 @@
+"""Input validation and coercion: every bad input is refused with a message naming the problem;
+every accepted layout/dtype is read as the values it holds; the caller's arrays are never touched.
+"""
+import math
+import sys
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import ptx_numba as pn
+from ptx_numba import _dispatch
+from ptx_numba._validate import BF16, F16, decode_to_float64, prepare_host
+
+HOST_BACKENDS = [b for b in pn.available_backends() if b != "cuda"]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dispatch_state():
+    yield
+    _dispatch._reset_for_tests()
+
+
+def exact_lse(z):
+    z = np.asarray(z, dtype=np.float64).reshape(-1, np.shape(z)[-1])
+    out = []
+    for row in z:
+        m = row.max()
+        out.append(m + math.log(math.fsum(np.exp(row - m))))
+    return np.array(out)
+
+
+LOGITS = [[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]
+
+
+# ------------------------------------------------------------------------------------------
+# bad labels
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fn", ["ptx", "ce", "ce_none"])
+@pytest.mark.parametrize(
+    "labels, row, value",
+    [([0, 3], 1, 3), ([-1, 0], 0, -1), ([0, -101], 1, -101), ([2, 10**9], 1, 10**9)],
+)
+def test_label_out_of_range_names_row_and_value(fn, labels, row, value):
+    call = {
+        "ptx": lambda: pn.ptx_loss(0.0, LOGITS, labels, 0.1),
+        "ce": lambda: pn.cross_entropy(LOGITS, labels),
+        "ce_none": lambda: pn.cross_entropy(LOGITS, labels, reduction="none"),
+    }[fn]
+    with pytest.raises(ValueError, match=rf"labels\[{row}\] = {value}\b.*V = 3.*row {row}"):
+        call()
+
+
+def test_label_error_multi_dim_names_position_and_flat_row():
+    z = np.zeros((2, 3, 5))
+    y = np.zeros((2, 3), dtype=np.int64)
+    y[1, 2] = 5
+    with pytest.raises(ValueError, match=r"labels\[1, 2\] = 5 .*V = 5.*row 5"):
+        pn.cross_entropy(z, y)
+
+
+def test_first_bad_label_is_reported():
+    with pytest.raises(ValueError, match=r"labels\[1\] = 9"):
+        pn.cross_entropy(np.zeros((4, 3)), [0, 9, -5, 7])
+
+
+def test_custom_ignore_index():
+    z = np.zeros((3, 4))
+    # -1 is now the ignore marker, so it is fine...
+    assert pn.cross_entropy(z, [0, -1, 2], ignore_index=-1) == pytest.approx(math.log(4))
+    # ...and -100 is an ordinary out-of-range label
+    with pytest.raises(ValueError, match=r"labels\[1\] = -100.*ignore_index = -1"):
+        pn.cross_entropy(z, [0, -100, 2], ignore_index=-1)
+    # an ignore_index inside [0, V) ignores that class
+    assert pn.cross_entropy(z, [3, 3, 3], ignore_index=3) == 0.0
+    assert pn.cross_entropy(z, [1, 3, 3], ignore_index=np.int32(3), reduction="sum") == pytest.approx(math.log(4))
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        ([0.0, 0.5], r"labels\[1\] = .*0\.5.*not integral"),
+        ([0.0, np.nan], r"labels\[1\] = .*nan.*not integral"),
+        ([np.inf, 0.0], r"labels\[0\] = .*inf.*not integral"),
+        (np.array([[0.0, 1.0], [1.25, 0.0]]), r"labels\[1, 0\] = .*1\.25.*not integral"),
+    ],
+)
+def test_non_integral_float_labels(labels, match):
+    z = np.zeros(np.shape(labels) + (3,))
+    with pytest.raises(ValueError, match=match):
+        pn.cross_entropy(z, labels)
+
+
+@pytest.mark.parametrize(
+    "labels, exc, match",
+    [
+        (np.array([True, False]), TypeError, "boolean"),
+        ([True, False], TypeError, "boolean"),
+        (np.array(["0", "1"]), TypeError, "labels must be integers"),
+        ("01", TypeError, "labels must be numeric"),
+        (np.array([0, 1], dtype=complex), TypeError, "labels must be integers.*complex"),
+        (np.array([0, 1], dtype=object), TypeError, "labels must be integers.*object"),
+        (None, TypeError, "labels is None"),
+        ([[0], [1, 2]], ValueError, "labels is ragged"),
+    ],
+)
+def test_bad_label_types(labels, exc, match):
+    with pytest.raises(exc, match=match):
+        pn.cross_entropy(LOGITS, labels)
+    with pytest.raises(exc, match=match):
+        pn.ptx_loss(0.0, LOGITS, labels, 0.1)
+
+
+@pytest.mark.parametrize(
+    "logits_shape, labels_shape",
+    [((2, 4), (3,)), ((2, 4), (2, 1)), ((2, 3, 4), (2,)), ((2, 3, 4), (3, 2)), ((2, 4), ()), ((6, 4), (2, 3))],
+)
+def test_shape_mismatch_names_both_shapes(logits_shape, labels_shape):
+    z = np.zeros(logits_shape)
+    y = np.zeros(labels_shape, dtype=np.int64)
+    pat = rf"labels shape {__import__('re').escape(str(labels_shape))} does not match logits shape {__import__('re').escape(str(logits_shape))}"
+    with pytest.raises(ValueError, match=pat):
+        pn.cross_entropy(z, y)
+    with pytest.raises(ValueError, match=pat):
+        pn.ptx_loss(1.0, z, y, 0.5)
+
+
+# ------------------------------------------------------------------------------------------
+# bad logits
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "logits, exc, match",
+    [
+        (np.float64(1.0), ValueError, r"at least 2 dimensions.*shape \(\)"),
+        (np.array(2.0), ValueError, r"at least 2 dimensions.*shape \(\)"),
+        ([1.0, 2.0, 3.0], ValueError, r"at least 2 dimensions.*shape \(3,\)"),
+        (np.zeros((2, 0)), ValueError, r"V == 0.*\(2, 0\)"),
+        (np.zeros((0, 0)), ValueError, r"V == 0"),
+        (np.zeros((2, 3, 0)), ValueError, r"V == 0.*\(2, 3, 0\)"),
+        (np.zeros((2, 3), dtype=complex), TypeError, "complex"),
+        (np.zeros((2, 3), dtype=np.complex64), TypeError, "complex"),
+        (np.array([["a", "b"], ["c", "d"]]), TypeError, r"logits must be real numbers.*<U1"),
+        ("abc", TypeError, "logits must be numeric"),
+        (b"abc", TypeError, "logits must be numeric"),
+        (np.empty((2, 3), dtype=object), TypeError, "object"),
+        ([[1.0, 2.0], [3.0]], ValueError, "logits is ragged"),
+        ([[1.0, "x"], [3.0, 4.0]], TypeError, "logits must be real numbers"),
+        ([[1.0, None], [3.0, 4.0]], ValueError, "logits is ragged or holds non-numbers"),
+        (None, TypeError, "logits is None"),
+        (np.zeros((2, 3), dtype=bool), TypeError, "boolean"),
+        ([[True, False], [False, True]], TypeError, "boolean"),
+        (np.zeros((2, 3), dtype="datetime64[s]"), TypeError, "logits must be real numbers"),
+    ],
+    ids=lambda v: repr(v)[:40] if not isinstance(v, type) else v.__name__,
+)
+def test_bad_logits(logits, exc, match):
+    labels = [0, 0]
+    with pytest.raises(exc, match=match):
+        pn.logsumexp(logits)
+    with pytest.raises(exc, match=match):
+        pn.cross_entropy(logits, labels)
+    with pytest.raises(exc, match=match):
+        pn.ptx_loss(0.0, logits, labels, 0.1)
+
+
+# ------------------------------------------------------------------------------------------
+# bad scalars and options
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["rl_loss", "beta"])
+@pytest.mark.parametrize(
+    "value, exc, match",
+    [
+        (math.nan, ValueError, "must be finite, got nan"),
+        (math.inf, ValueError, "must be finite, got inf"),
+        (-math.inf, ValueError, "must be finite, got -inf"),
+        (np.float32("nan"), ValueError, "must be finite"),
+        (None, TypeError, "must be a real number, got None"),
+        ("0.5", TypeError, "must be a real number"),
+        (True, TypeError, "must be a real number, got True"),
+        (np.bool_(False), TypeError, "must be a real number"),
+        (1 + 2j, TypeError, "must be a real number, got complex"),
+        ([0.5], TypeError, "must be a real number, got list"),
+        (object(), TypeError, "must be a real number, got object"),
+    ],
+    ids=repr,
+)
+def test_bad_rl_loss_and_beta(name, value, exc, match):
+    args = {"rl_loss": 0.0, "beta": 0.1, name: value}
+    with pytest.raises(exc, match=f"{name} {match}"):
+        pn.ptx_loss(args["rl_loss"], LOGITS, [0, 1], args["beta"])
+
+
+@pytest.mark.parametrize("value", [1, np.float32(0.25), np.int64(2), np.array(0.5), -3.0, 0])
+def test_good_scalars_are_accepted(value):
+    r = pn.ptx_loss(value, LOGITS, [0, 1], value)
+    assert type(r.total) is float and type(r.ptx) is float
+    assert r.ptx == float(value) * r.ce
+    assert r.total == float(value) + r.ptx
+
+
+@pytest.mark.parametrize("reduction", ["avg", "MEAN", "", None, 0, "elementwise_mean"])
+def test_bad_reduction(reduction):
+    with pytest.raises(ValueError, match=r"reduction must be one of \('mean', 'sum', 'none'\)"):
+        pn.cross_entropy(LOGITS, [0, 1], reduction=reduction)
+
+
+@pytest.mark.parametrize("ignore_index", [-100.0, 1.5, True, False, "x", None, np.float64(-100), np.bool_(True)])
+def test_bad_ignore_index(ignore_index):
+    with pytest.raises(TypeError, match="ignore_index must be an integer"):
+        pn.cross_entropy(LOGITS, [0, 1], ignore_index=ignore_index)
+    with pytest.raises(TypeError, match="ignore_index must be an integer"):
+        pn.ptx_loss(0.0, LOGITS, [0, 1], 0.1, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "CPU", "", None, "numba", 3])
+def test_unknown_backend_lists_valid_ones(backend):
+    for call in (
+        lambda: pn.ptx_loss(0.0, LOGITS, [0, 1], 0.1, backend=backend),
+        lambda: pn.cross_entropy(LOGITS, [0, 1], backend=backend),
+        lambda: pn.logsumexp(LOGITS, backend=backend),
+    ):
+        with pytest.raises(ValueError, match=r"unknown backend .*valid backends are .*'auto'.*'cpu'.*'reference'"):
+            call()
+
+
+# ------------------------------------------------------------------------------------------
+# coercions: each variant must read the same values as a plain C-contiguous float64 array
+# ------------------------------------------------------------------------------------------
+def _layout_variants(rng):
+    base = rng.normal(0, 2, size=(4, 6, 9))
+    big = base.astype(">f8")
+    ro = base.copy()
+    ro.flags.writeable = False
+    wide = np.zeros((4, 6, 20))
+    wide[:, :, ::2][:, :, :9] = base  # strided last axis
+    rev = base[:, :, ::-1].copy()[:, :, ::-1]  # negative stride view with base's values
+    return {
+        "fortran": (np.asfortranarray(base), base),
+        "strided_last_axis": (wide[:, :, ::2][:, :, :9], base),
+        "strided_rows": (np.repeat(base, 2, axis=0)[::2], base),
+        "negative_strides": (rev, base),
+        "transposed_batch": (np.ascontiguousarray(base.transpose(1, 0, 2)).transpose(1, 0, 2), base),
+        "big_endian_f8": (big, base),
+        "big_endian_f4": (base.astype(">f4"), base.astype(np.float32)),
+        "big_endian_f2": (base.astype(">f2"), base.astype(np.float16)),
+        "read_only": (ro, base),
+        "broadcast": (np.broadcast_to(base[:1], base.shape), np.repeat(base[:1], 4, axis=0)),
+        "float16": (base.astype(np.float16), base.astype(np.float16)),
+        "bfloat16": (base.astype(ml_dtypes.bfloat16), base.astype(ml_dtypes.bfloat16)),
+        "bfloat16_fortran": (np.asfortranarray(base.astype(ml_dtypes.bfloat16)), base.astype(ml_dtypes.bfloat16)),
+        "int32": (np.round(base * 10).astype(np.int32), np.round(base * 10)),
+        "uint8": (np.arange(4 * 6 * 9, dtype=np.uint8).reshape(4, 6, 9), np.arange(4 * 6 * 9.0).reshape(4, 6, 9)),
+        "nested_int_list": (np.round(base).astype(int).tolist(), np.round(base)),
+        "nested_float_list": (base.tolist(), base),
+        "longdouble": (base.astype(np.longdouble), base),
+    }
+
+
+VARIANTS = list(_layout_variants(np.random.default_rng(0)))
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_coercions_read_the_same_values(rng, variant, backend):
+    logits, same_values = _layout_variants(rng)[variant]
+    values = np.asarray(same_values).astype(np.float64)
+    labels = rng.integers(0, 9, size=(4, 6))
+    labels[0, 0] = -100
+    narrow = np.asarray(same_values).dtype in (np.float16, np.float32, np.dtype(ml_dtypes.bfloat16))
+    tol = 2e-5 if narrow else 1e-10
+    lse = pn.logsumexp(logits, backend=backend)
+    assert lse.shape == (4, 6)
+    assert lse.dtype == (np.float32 if narrow else np.float64)
+    want = exact_lse(values).reshape(4, 6)
+    np.testing.assert_allclose(lse, want, rtol=0, atol=tol * max(1.0, np.abs(want).max()))
+    rows = pn.cross_entropy(logits, labels, reduction="none", backend=backend)
+    flat = values.reshape(-1, 9)
+    y = labels.reshape(-1)
+    want_ce = np.where(y == -100, 0.0, exact_lse(values) - flat[np.arange(24), np.where(y < 0, 0, y)])
+    np.testing.assert_allclose(rows.reshape(-1), want_ce, rtol=0, atol=tol * max(1.0, np.abs(want_ce).max()))
+
+
+def test_nested_int_list_becomes_float64():
+    batch = prepare_host([[1, 2, 3], [4, 5, 6]], [0, 2], -100)
+    assert batch.logits.dtype == np.float64 and batch.source_dtype == "float64"
+    assert pn.logsumexp([[1, 2, 3]]).dtype == np.float64
+    assert pn.cross_entropy([[0, 0]], [1], reduction="none").dtype == np.float64
+
+
+@pytest.mark.parametrize(
+    "make, enc, source",
+    [
+        (lambda z: z.astype(np.float32), np.float32, "float32"),
+        (lambda z: z.astype(">f4"), np.float32, "float32"),
+        (lambda z: z.astype(np.float64), np.float64, "float64"),
+        (lambda z: z.astype(np.float16), F16, "float16"),
+        (lambda z: z.astype(">f2"), F16, "float16"),
+        (lambda z: z.astype(ml_dtypes.bfloat16), BF16, "bfloat16"),
+        (lambda z: z.astype(np.int16), np.float64, "float64"),
+        (lambda z: z.astype(np.uint16), np.float64, "float64"),  # integers are values, not bits
+        (lambda z: z.astype(np.longdouble), np.float64, "float64"),
+    ],
+)
+def test_prepare_host_encodings(rng, make, enc, source):
+    z = np.abs(rng.normal(0, 3, size=(2, 3, 5))).round(1)
+    given = make(z)
+    batch = prepare_host(given, np.zeros((2, 3), np.int64), -100)
+    assert batch.logits.dtype == np.dtype(enc)
+    assert batch.source_dtype == source
+    assert batch.logits.shape == (6, 5) and batch.batch_shape == (2, 3)
+    assert batch.logits.flags.c_contiguous and not batch.logits.flags.writeable
+    assert batch.labels.dtype == np.int64 and batch.labels.shape == (6,) and batch.labels.flags.c_contiguous
+    # the encoding decodes to exactly the values the caller gave
+    np.testing.assert_array_equal(
+        decode_to_float64(batch.logits), np.asarray(given).astype(np.float64).reshape(6, 5)
+    )
+
+
+def test_prepare_host_labels_are_a_copy():
+    y = np.array([[0, 1], [2, -100]], dtype=np.int64)
+    batch = prepare_host(np.zeros((2, 2, 3)), y, -100)
+    assert not np.shares_memory(batch.labels, y)
+    np.testing.assert_array_equal(batch.labels, y.reshape(-1))
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        np.array([[2, 0, 1], [1, 1, 0]]),
+        [[2, 0, 1], [1, 1, 0]],
+        np.array([[2.0, 0.0, 1.0], [1.0, 1.0, -0.0]]),
+        np.array([[2, 0, 1], [1, 1, 0]], dtype=np.uint8),
+        np.array([[2, 0, 1], [1, 1, 0]], dtype=">i4"),
+        np.array([[2, 0, 1], [1, 1, 0]], dtype=np.float16),
+        np.asfortranarray(np.array([[2, 0, 1], [1, 1, 0]], dtype=np.int32)),
+        np.array([[2, 9, 0, 9, 1], [1, 9, 1, 9, 0]])[:, ::2],
+    ],
+    ids=["int64", "list", "float_integral", "uint8", "big_endian", "float16", "fortran", "strided"],
+)
+def test_label_coercions(labels):
+    z = np.arange(18.0).reshape(2, 3, 3) % 5
+    want = pn.cross_entropy(z, np.array([[2, 0, 1], [1, 1, 0]]), reduction="none", backend="reference")
+    got = pn.cross_entropy(z, labels, reduction="none", backend="reference")
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (2, 3)
+
+
+class ArrayLike:
+    def __init__(self, a):
+        self._a = np.asarray(a)
+
+    def __array__(self, dtype=None, copy=None):
+        return self._a if dtype is None else self._a.astype(dtype)
+
+
+def test_objects_with_dunder_array():
+    z = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
+    want = pn.cross_entropy(z, [0, 1], backend="reference")
+    assert pn.cross_entropy(ArrayLike(z), ArrayLike([0, 1]), backend="reference") == want
+    np.testing.assert_array_equal(pn.logsumexp(ArrayLike(z)), pn.logsumexp(z))
+
+
+# ------------------------------------------------------------------------------------------
+# torch inputs (optional)
+# ------------------------------------------------------------------------------------------
+def test_torch_inputs_coerced():
+    torch = pytest.importorskip("torch")
+    z = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.25, -1.0]], requires_grad=True)
+    batch = prepare_host(z, torch.tensor([0, -100]), -100)
+    assert batch.source_dtype == "float32" and batch.logits.dtype == np.float32
+    for dt, enc in ((torch.bfloat16, BF16), (torch.float16, F16)):
+        t = z.detach().to(dt)
+        b = prepare_host(t.t(), torch.tensor([0, 1, 1]), -100)  # non-contiguous too
+        assert b.logits.dtype == enc
+        np.testing.assert_array_equal(decode_to_float64(b.logits), t.t().double().numpy())
+    with pytest.raises(TypeError, match="complex"):
+        pn.logsumexp(torch.zeros(2, 3, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="boolean"):
+        pn.logsumexp(torch.zeros(2, 3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "bfloat16", "float32"])
+def test_torch_float_labels_are_read_as_values(dtype_name):
+    """Half-precision torch labels must be read as numbers, not as their bit patterns."""
+    torch = pytest.importorskip("torch")
+    z = np.linspace(-3, 3, 2 * 40000).reshape(2, 40000)  # V large enough for any 16-bit pattern
+    y = torch.tensor([1.0, 2.0], dtype=getattr(torch, dtype_name))
+    want = pn.cross_entropy(z, [1, 2], reduction="none", backend="reference")
+    np.testing.assert_array_equal(pn.cross_entropy(z, y, reduction="none", backend="reference"), want)
+    with pytest.raises(ValueError, match="not integral"):
+        pn.cross_entropy(z, torch.tensor([1.5, 2.0], dtype=getattr(torch, dtype_name)), backend="reference")
+
+
+# ------------------------------------------------------------------------------------------
+# the caller's arrays are never modified
+# ------------------------------------------------------------------------------------------
+def _flags(a):
+    return (a.flags.writeable, a.flags.c_contiguous, a.flags.f_contiguous, a.dtype, a.shape, a.strides)
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.float16, ml_dtypes.bfloat16, ">f4"])
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_inputs_never_modified(rng, backend, dtype, order):
+    z = rng.normal(0, 3, size=(3, 4, 11)) + 100.0
+    z[0, 0, 3] = -np.inf
+    z[1, 2, :] = 7.0
+    logits = np.asarray(z.astype(dtype), order=order)
+    labels = rng.integers(0, 11, size=(3, 4))
+    labels[2, 1] = -100
+    labels = np.asarray(labels, order=order)
+    x_copy, y_copy = logits.copy(order="A"), labels.copy(order="A")
+    x_flags, y_flags = _flags(logits), _flags(labels)
+    pn.logsumexp(logits, backend=backend)
+    for red in ("none", "sum", "mean"):
+        out = pn.cross_entropy(logits, labels, reduction=red, backend=backend)
+    pn.ptx_loss(0.3, logits, labels, 0.1, backend=backend)
+    out = pn.cross_entropy(logits, labels, reduction="none", backend=backend)
+    out[...] = 123.0  # writing the result must not reach the input either
+    assert logits.tobytes(order="A") == x_copy.tobytes(order="A")
+    np.testing.assert_array_equal(labels, y_copy)
+    assert _flags(logits) == x_flags and _flags(labels) == y_flags
+
+
+def test_read_only_and_list_inputs_untouched():
+    z = np.array([[1.0, 2.0], [3.0, np.nan]])
+    z.flags.writeable = False
+    y = [1, -100]
+    r = pn.ptx_loss(0.0, z, y, 1.0)
+    assert not z.flags.writeable and np.isnan(z[1, 1]) and y == [1, -100]
+    assert r.ce == pytest.approx(math.log1p(math.exp(-1.0)), rel=1e-12)
+
+
+def test_torch_inputs_never_modified():
+    torch = pytest.importorskip("torch")
+    z = torch.randn(3, 5, dtype=torch.float32).to(torch.bfloat16).requires_grad_(True)
+    y = torch.tensor([0, -100, 4])
+    z0, y0 = z.detach().clone(), y.clone()
+    pn.ptx_loss(0.1, z, y, 0.5)
+    pn.cross_entropy(z, y, reduction="none")
+    assert torch.equal(z.detach(), z0) and torch.equal(y, y0)
+    assert z.requires_grad and z.grad is None and z.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------
+# decode_to_float64: exact for every 16-bit pattern
+# ------------------------------------------------------------------------------------------
+ALL_BITS = np.arange(1 << 16, dtype=np.uint32)
+
+
+def _f16_by_formula(bits):
+    """IEEE binary16 value from sign/exponent/mantissa (independent of NumPy's float16)."""
+    sign = np.where(bits >> 15, -1.0, 1.0)
+    exp = ((bits >> 10) & 0x1F).astype(np.int64)
+    man = (bits & 0x3FF).astype(np.float64)
+    normal = sign * np.ldexp(1.0 + man / 1024.0, exp - 15)
+    sub = sign * np.ldexp(man / 1024.0, -14)
+    special = np.where(man == 0, sign * np.inf, np.nan)
+    return np.where(exp == 0, sub, np.where(exp == 31, special, normal))
+
+
+def _bf16_by_formula(bits):
+    sign = np.where(bits >> 15, -1.0, 1.0)
+    exp = ((bits >> 7) & 0xFF).astype(np.int64)
+    man = (bits & 0x7F).astype(np.float64)
+    normal = sign * np.ldexp(1.0 + man / 128.0, exp - 127)
+    sub = sign * np.ldexp(man / 128.0, -126)
+    special = np.where(man == 0, sign * np.inf, np.nan)
+    return np.where(exp == 0, sub, np.where(exp == 255, special, normal))
+
+
+def test_decode_float16_every_pattern_exact():
+    enc = ALL_BITS.astype(np.uint16).view(np.int16)
+    got = decode_to_float64(enc)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, _f16_by_formula(ALL_BITS))
+    np.testing.assert_array_equal(got, ALL_BITS.astype(np.uint16).view(np.float16).astype(np.float64))
+    np.testing.assert_array_equal(np.signbit(got), ALL_BITS >= 0x8000)  # -0.0 keeps its sign
+
+
+def test_decode_bfloat16_every_pattern_exact():
+    enc = ALL_BITS.astype(np.uint16)
+    got = decode_to_float64(enc)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, _bf16_by_formula(ALL_BITS))
+    with np.errstate(invalid="ignore"):  # ml_dtypes warns on signalling-NaN patterns
+        np.testing.assert_array_equal(got, enc.view(ml_dtypes.bfloat16).astype(np.float64))
+    np.testing.assert_array_equal(np.signbit(got), ALL_BITS >= 0x8000)
+
+
+def test_decode_passes_float_values_through():
+    z = np.array([[1.5, -np.inf, np.nan, 1e-300]])
+    np.testing.assert_array_equal(decode_to_float64(z), z)
+    np.testing.assert_array_equal(decode_to_float64(z.astype(np.float32)), z.astype(np.float32).astype(np.float64))
+
+
+def test_validate_module_does_not_import_torch():
+    """Validation looks torch up only if the caller imported it (checked in a fresh interpreter)."""
+    import subprocess
+
+    code = "import numpy, ptx_numba as pn, sys; pn.cross_entropy([[1.0, 2.0]], [0]); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={"PTX_NUMBA_BACKEND": "reference", "PATH": ""})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
