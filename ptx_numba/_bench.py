@@ -1,0 +1,418 @@
+"""Benchmark machinery behind ``ptx-numba bench``: synthetic inputs, timing, table, CSV and plot.
+
+Method (see ``docs/performance.md``): every contender runs side by side in one process on the same
+array; a contender's time is the median of its timed calls after warm-up; GB/s is the bytes of
+logits read (the encoded array: 2 bytes per bfloat16/float16 element) divided by that time; the
+floor is the CPU backend's parallel streaming read (``cpu.stream_read``) of the same array.
+
+Contenders are the available ptx_numba backends (called through the public
+:func:`ptx_numba.cross_entropy` with ``reduction="none"``, validation included), the ``stream-read``
+floor, and PyTorch's ``F.cross_entropy(reduction="none")`` when torch is importable.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib
+import importlib.util
+import os
+import platform
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from . import _dispatch, api, config, reference
+from ._validate import as_host_logits
+
+#: Columns of the CSV written by ``--csv``, in order; the first seven identify a row.
+CSV_COLUMNS = (
+    "op", "backend", "dtype", "N", "V", "threads", "machine",
+    "seconds", "gbps", "pct_of_read", "speedup_vs_torch", "max_rel_err",
+)
+KEY_COLUMNS = CSV_COLUMNS[:7]
+
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+STREAM_READ = "stream-read"
+TORCH = "torch"
+OP_CROSS_ENTROPY = "cross_entropy"
+OP_STREAM_READ = "stream_read"
+
+#: The default shape: Llama-3's vocabulary, and few enough rows that the float64 NumPy reference
+#: (the slow one, about 20 ns per element on a laptop-class core) finishes in a couple of seconds.
+DEFAULT_VOCAB = 128256
+DEFAULT_ROWS = 128
+DEFAULT_REPEAT = 10
+
+#: The reference is timed with at most this many calls (it is 10-100x slower than the kernels).
+REFERENCE_MAX_REPEAT = 3
+#: After the first timed call, a contender stops early once its timed calls took this long.
+TIME_BUDGET_S = 2.0
+
+
+class BenchError(ValueError):
+    """A user error in the benchmark options (reported as one line by the CLI)."""
+
+
+# --------------------------------------------------------------------------------------------
+# environment
+# --------------------------------------------------------------------------------------------
+def machine_description() -> str:
+    """A short CPU description such as ``"AMD EPYC x2 cores"``."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    model = line.split(":", 1)[1]
+                    break
+    except OSError:
+        pass
+    model = model or platform.processor() or platform.machine() or "unknown CPU"
+    # Marketing noise makes the string long without telling machines apart.
+    model = re.sub(r"\((R|TM|tm|r)\)|\bCPU\b|\bProcessor\b|@.*$|\d+-Core", " ", model)
+    model = " ".join(model.split())[:48]
+    return f"{model} x{os.cpu_count() or 1} cores"
+
+
+def threading_layer() -> str:
+    """Numba's threading layer (``omp``, ``tbb``, ``workqueue``), once a parallel kernel has run."""
+    import numba
+
+    try:
+        return numba.threading_layer()
+    except ValueError:  # nothing parallel has run yet
+        return "?"
+
+
+def torch_importable() -> bool:
+    """True when torch can be imported (checked without importing it)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def all_contenders(*, include_simulated: bool = False) -> list[str]:
+    """Every contender that can run here, in table order (the simulated GPU only if asked)."""
+    names = list(_dispatch.available_backends())
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1" and not include_simulated:
+        # The CUDA simulator runs every GPU thread in Python: minutes per call, and a number that
+        # says nothing about a GPU. It can still be asked for by name (--backends cuda).
+        names = [n for n in names if n != "cuda"]
+    floor = [STREAM_READ] if "cpu" in names else []
+    return floor + names + ([TORCH] if torch_importable() else [])
+
+
+def resolve_contenders(requested: list[str] | None) -> list[str]:
+    """Check a ``--backends`` list; return it in table order (default: everything available)."""
+    if not requested:
+        return all_contenders()
+    available = all_contenders(include_simulated=True)
+    known = (STREAM_READ,) + _dispatch.BACKENDS + (TORCH,)
+    for name in requested:
+        if name not in known:
+            raise BenchError(f"unknown backend {name!r}; choose from {', '.join(known)}")
+        if name in available:
+            continue
+        if name == TORCH:
+            raise BenchError("backend 'torch' needs PyTorch, which is not importable here")
+        if name == STREAM_READ:
+            raise BenchError(f"'stream-read' needs the cpu backend: {_dispatch.unavailable_reason('cpu')}")
+        raise BenchError(f"backend {name!r} is not available: {_dispatch.unavailable_reason(name)}")
+    return [name for name in available if name in requested]
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The NumPy dtype for a ``--dtype`` name (bfloat16 comes from ml_dtypes)."""
+    if name not in DTYPES:
+        raise BenchError(f"unknown dtype {name!r}; choose from {', '.join(DTYPES)}")
+    if name == "bfloat16":
+        try:
+            import ml_dtypes
+        except ImportError:
+            raise BenchError("bfloat16 needs ml_dtypes: pip install 'ptx_numba[bench]'") from None
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def synthetic_logits(rng: np.random.Generator, rows: int, vocab: int, dtype: str) -> np.ndarray:
+    """Normal logits with a spread like a language model's (std 3), in the requested dtype."""
+    values = rng.standard_normal((rows, vocab), dtype=np.float32)
+    values *= 3.0
+    return values.astype(numpy_dtype(dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------
+def median_seconds(call: Callable[[], Any], repeat: int, warmup: int, budget_s: float = TIME_BUDGET_S):
+    """Median wall time of ``call`` over up to ``repeat`` timed calls, and the last result.
+
+    Stops early (after at least one timed call) once the timed calls have taken ``budget_s``.
+    """
+    for _ in range(warmup):
+        call()
+    samples: list[float] = []
+    result = None
+    while len(samples) < repeat:
+        start = time.perf_counter()
+        result = call()
+        samples.append(time.perf_counter() - start)
+        if sum(samples) >= budget_s:
+            break
+    return statistics.median(samples), result
+
+
+def max_relative_error(got: Any, expected: np.ndarray) -> float:
+    """``max_i |got_i - ref_i| / max(1, |ref_i|)`` (the numerics contract's measure)."""
+    got = np.asarray(got, dtype=np.float64).reshape(-1)
+    if got.size == 0:
+        return 0.0
+    with np.errstate(invalid="ignore"):
+        err = np.abs(got - expected) / np.maximum(1.0, np.abs(expected))
+    return float(np.max(err))
+
+
+@dataclass
+class Case:
+    """One benchmark shape."""
+
+    dtype: str
+    rows: int
+    vocab: int
+    threads: int
+
+
+@dataclass
+class Result:
+    """One contender on one case; ``seconds`` is None when the contender failed (see ``error``)."""
+
+    backend: str
+    seconds: float | None = None
+    max_rel_err: float | None = None
+    error: str = ""
+
+
+@contextlib.contextmanager
+def thread_count(threads: int):
+    """Run a block with Numba (and torch, when importable) on ``threads`` threads; restore after."""
+    import numba
+
+    torch = importlib.import_module("torch") if torch_importable() else None
+    saved = numba.get_num_threads(), torch.get_num_threads() if torch else None
+    numba.set_num_threads(threads)
+    if torch:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(saved[0])
+        if torch:
+            torch.set_num_threads(saved[1])
+
+
+def check_threads(threads: list[int]) -> None:
+    """Numba cannot use more threads than it started with (``NUMBA_NUM_THREADS``)."""
+    import numba
+
+    limit = numba.config.NUMBA_NUM_THREADS
+    for k in threads:
+        if not 1 <= k <= limit:
+            raise BenchError(f"--threads {k}: must be between 1 and {limit} (NUMBA_NUM_THREADS)")
+
+
+def torch_call(logits: np.ndarray, labels: np.ndarray) -> Callable[[], Any]:
+    """A zero-copy PyTorch ``F.cross_entropy(reduction="none")`` call on the same buffers."""
+    import torch
+    import torch.nn.functional as F
+
+    if logits.dtype.name == "bfloat16":
+        tensor = torch.from_numpy(logits.view(np.int16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(logits)
+    target = torch.from_numpy(labels)
+
+    def call():
+        with torch.no_grad():
+            return F.cross_entropy(tensor, target, reduction="none").float().numpy()
+
+    return call
+
+
+def _contender_call(name: str, logits: np.ndarray, encoded: np.ndarray, labels: np.ndarray) -> Callable:
+    """The zero-argument call that is timed for one contender."""
+    if name == STREAM_READ:
+        from . import cpu
+
+        return lambda: cpu.stream_read(encoded)
+    if name == TORCH:
+        return torch_call(logits, labels)
+    if name == "reference":  # the backend itself, so its rows are the float64 values unrounded
+        return lambda: reference.cross_entropy_rows(encoded, labels, config.DEFAULT_IGNORE_INDEX)
+    return lambda: api.cross_entropy(logits, labels, reduction="none", backend=name)
+
+
+def run_case(case: Case, contenders: list[str], repeat: int, seed: int = 0) -> list[Result]:
+    """Time every contender on one synthetic case; results come back in ``contenders`` order."""
+    rng = np.random.default_rng(seed)
+    logits = synthetic_logits(rng, case.rows, case.vocab, case.dtype)
+    labels = rng.integers(0, case.vocab, size=case.rows, dtype=np.int64)
+    encoded = as_host_logits(logits)[0]
+    results: dict[str, Result] = {}
+    with thread_count(case.threads):
+        # The reference goes first: its rows are what every other contender is checked against.
+        # It is slow, so it gets few timed calls and no warm-up (it has nothing to compile).
+        ref_call = _contender_call("reference", logits, encoded, labels)
+        if "reference" in contenders:
+            seconds, expected = median_seconds(ref_call, min(repeat, REFERENCE_MAX_REPEAT), warmup=0)
+            results["reference"] = Result("reference", seconds, 0.0)
+        else:
+            expected = ref_call()
+        for name in contenders:
+            if name in results:
+                continue
+            try:
+                call = _contender_call(name, logits, encoded, labels)
+                seconds, got = median_seconds(call, repeat, warmup=1)
+            except Exception as exc:  # e.g. a dtype torch has no CPU kernel for: report it, go on
+                results[name] = Result(name, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:60])
+                continue
+            err = None if name == STREAM_READ else max_relative_error(got, expected)
+            results[name] = Result(name, seconds, err)
+    return [results[name] for name in contenders]
+
+
+# --------------------------------------------------------------------------------------------
+# reporting
+# --------------------------------------------------------------------------------------------
+def fmt(value: float | None) -> str:
+    """A CSV cell: 6 significant digits, empty for a missing value."""
+    return "" if value is None else f"{value:.6g}"
+
+
+def ratio(numerator: float | None, denominator: float | None) -> str:
+    """A speed-up cell such as ``12.30x``, empty when either time is missing."""
+    return "" if numerator is None or denominator is None else f"{numerator / denominator:.2f}x"
+
+
+def _seconds_of(results: list[Result], name: str) -> float | None:
+    return next((r.seconds for r in results if r.backend == name), None)
+
+
+def csv_records(case: Case, results: list[Result], logits_bytes: int, machine: str) -> list[dict]:
+    """The CSV rows (strings, ``CSV_COLUMNS`` keys) for one case."""
+    floor = _seconds_of(results, STREAM_READ)
+    torch_s = _seconds_of(results, TORCH)
+    records = []
+    for r in results:
+        if r.seconds is None:
+            continue
+        records.append({
+            "op": OP_STREAM_READ if r.backend == STREAM_READ else OP_CROSS_ENTROPY,
+            "backend": r.backend, "dtype": case.dtype, "N": str(case.rows), "V": str(case.vocab),
+            "threads": str(case.threads), "machine": machine,
+            "seconds": fmt(r.seconds), "gbps": fmt(logits_bytes / r.seconds / 1e9),
+            "pct_of_read": fmt(None if floor is None else 100.0 * floor / r.seconds),
+            "speedup_vs_torch": fmt(None if torch_s is None else torch_s / r.seconds),
+            "max_rel_err": fmt(r.max_rel_err),
+        })
+    return records
+
+
+def format_table(case: Case, results: list[Result], logits_bytes: int, machine: str) -> str:
+    """A plain-text table for one case."""
+    floor = _seconds_of(results, STREAM_READ)
+    ref = _seconds_of(results, "reference")
+    torch_s = _seconds_of(results, TORCH)
+    title = (f"{case.dtype} logits [N={case.rows}, V={case.vocab}], {logits_bytes / 1e6:.1f} MB, "
+             f"{case.threads} thread{'s' if case.threads > 1 else ''} (numba {threading_layer()}), {machine}")
+    header = (f"{'backend':<12}{'time ms':>10}{'GB/s':>9}{'% read':>9}{'vs ref':>9}{'vs torch':>10}"
+              f"{'max rel err':>13}")
+    lines = [title, header, "-" * len(header)]
+    for r in results:
+        if r.seconds is None:
+            lines.append(f"{r.backend:<12}  failed: {r.error}")
+            continue
+        pct = "" if floor is None else f"{100.0 * floor / r.seconds:.1f}%"
+        err = "" if r.max_rel_err is None else f"{r.max_rel_err:.2e}"
+        lines.append(
+            f"{r.backend:<12}{r.seconds * 1e3:>10.3f}{logits_bytes / r.seconds / 1e9:>9.2f}{pct:>9}"
+            f"{ratio(ref, r.seconds):>9}{ratio(torch_s, r.seconds):>10}{err:>13}"
+        )
+    return "\n".join(lines)
+
+
+def update_csv(path: str, records: list[dict]) -> list[dict]:
+    """Merge ``records`` into the CSV at ``path`` and return all of its rows.
+
+    Rows are keyed by ``KEY_COLUMNS``: a new measurement replaces an old one with the same key, so
+    re-running a shape updates it rather than piling up duplicates.
+    """
+    existing: list[dict] = []
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+                raise BenchError(f"{path} has columns {reader.fieldnames}, expected {list(CSV_COLUMNS)}")
+            existing = list(reader)
+    fresh = {tuple(r[k] for k in KEY_COLUMNS) for r in records}
+    merged = [r for r in existing if tuple(r[k] for k in KEY_COLUMNS) not in fresh] + records
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(merged)
+    os.replace(tmp, path)
+    return merged
+
+
+def require_matplotlib() -> None:
+    """Fail early, before any timing, when ``--plot`` cannot work."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BenchError("--plot needs matplotlib: pip install 'ptx_numba[bench]'")
+
+
+def plot_gbps(records: list[dict], path: str, machine: str) -> None:
+    """GB/s against V, one panel per dtype, one line per contender; the stream-read floor dashed.
+
+    Draws from CSV rows (``CSV_COLUMNS`` keys, string values) measured on ``machine``.
+    """
+    require_matplotlib()
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    rows = [r for r in records if r["machine"] == machine and r["gbps"]]
+    if not rows:
+        raise BenchError(f"no measurements for {machine!r} to plot")
+    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
+    # Only qualify a line by N / threads when the data actually holds several of them.
+    varies = {k: len({r[k] for r in rows}) > 1 for k in ("N", "threads")}
+    fig = Figure(figsize=(5.5 * len(dtypes), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(dtypes), squeeze=False)[0]
+    for ax, dtype in zip(axes, dtypes):
+        series: dict[tuple, list[tuple[int, float]]] = {}
+        for r in rows:
+            if r["dtype"] == dtype:
+                key = (r["backend"], r["N"], r["threads"])
+                series.setdefault(key, []).append((int(r["V"]), float(r["gbps"])))
+        for (backend, n, threads), points in sorted(series.items()):
+            points.sort()
+            label = backend + (f" N={n}" if varies["N"] else "")
+            label += f" {threads}t" if varies["threads"] else ""
+            style = dict(color="black", linestyle="--") if backend == STREAM_READ else {}
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, **style)
+        ax.set_xscale("log")
+        ax.set_xlabel("vocabulary size V")
+        ax.set_ylabel("GB/s of logits read")
+        ax.set_title(dtype)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"cross entropy throughput, {machine}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def logits_nbytes(case: Case) -> int:
+    """Bytes of logits a contender reads for a case (2 per bfloat16/float16 element)."""
+    return case.rows * case.vocab * numpy_dtype(case.dtype).itemsize
