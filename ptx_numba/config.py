@@ -32,6 +32,14 @@ CPU_MIN_SEGMENT = 16384
 #: Threads per block for the row-per-block kernel (a multiple of 32). Tests shrink it.
 CUDA_THREADS_PER_BLOCK = int(os.environ.get("PTX_NUMBA_CUDA_TPB", "256"))
 
+#: Cap on the grid size (blocks). Rows beyond it are taken by a grid-stride loop, and each block
+#: makes one atomic add for all its rows, so the cap also bounds atomic traffic. Tests shrink it.
+CUDA_MAX_BLOCKS = int(os.environ.get("PTX_NUMBA_CUDA_MAX_BLOCKS", "4096"))
+
+#: Block reduction: None (auto) = warp shuffles on a real GPU; False = shared-memory tree. The
+#: simulator always uses the tree (it has no warp shuffles). Read at call time.
+CUDA_USE_SHUFFLE = None
+
 #: Host (NumPy) inputs go to the GPU under ``auto`` only when they are at least this large (bytes):
 #: below it the host->device copy costs more than the CPU kernel. See docs/performance.md.
 CUDA_AUTO_MIN_HOST_BYTES = 64 * 1024 * 1024
