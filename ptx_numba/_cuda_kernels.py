@@ -1,4 +1,4 @@
-"""numba.cuda kernels for the ``cuda`` backend (imported lazily by :mod:`ptx_numba.cuda`).
+"""numba.cuda kernels for the ``cuda`` backend (imported lazily by :mod:`ptx_numba.gpu`).
 
 One kernel computes, per row ``i`` of an ``[N, V]`` (or strided ``[B, T, V]``) logits array,
 ``lse_i = log(sum_j exp(z_ij))`` and, when labels are given, ``ce_i = lse_i - z_i[y_i]``:
@@ -117,7 +117,7 @@ def _build(encoding: str, ndim: int, tpb: int, use_shuffle: bool):
     F64_INF = numba.float64(math.inf)
     TPB = tpb
     NWARPS = tpb // _WARP
-    HALF = 1 << max(0, (tpb - 1).bit_length() - 1)  # largest power of two below next_pow2(tpb)
+    HALF = 1 << max(0, (tpb - 1).bit_length() - 1)  # half of next_pow2(tpb): the first tree stride
 
     load = _make_loader(encoding, ndim, acc)
 

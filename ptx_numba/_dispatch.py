@@ -21,6 +21,10 @@ from . import config
 #: Every backend, best first.
 BACKENDS = ("cuda", "cpu", "reference")
 
+#: Backend name -> module. The CUDA backend lives in ``gpu.py``: numba-cuda's import redirector
+#: claims every module name containing "numba.cuda", which "ptx_numba.cuda" would.
+_MODULES = {"cuda": "gpu"}
+
 _modules: dict[str, ModuleType] = {}
 _unavailable: dict[str, str] = {}
 _warned_fallback = False
@@ -37,7 +41,7 @@ def _load(name: str) -> ModuleType | None:
     if name in _unavailable:
         return None
     try:
-        module = importlib.import_module(f"ptx_numba.{name}")
+        module = importlib.import_module(f"ptx_numba.{_MODULES.get(name, name)}")
         ok, reason = module.is_available()
     except Exception as exc:  # a broken optional dependency must not break the package
         ok, reason = False, f"{type(exc).__name__}: {exc}"

