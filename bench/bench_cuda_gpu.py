@@ -47,23 +47,8 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
 from numba import cuda  # noqa: E402
 
 
-def _narrow_numba_cuda_redirector() -> None:
-    # numba-cuda's import redirector claims any module name containing "numba.cuda", including
-    # "ptx_numba.gpu", and recurses. Until the package works around it, narrow it here.
-    for finder in sys.meta_path:
-        if type(finder).__name__ == "NumbaCudaFinder" and not getattr(finder, "_ptx_narrowed", False):
-            original = finder.find_spec
-
-            def find_spec(name, path, target=None, _original=original):
-                if name == "numba.cuda" or name.startswith("numba.cuda."):
-                    return _original(name, path, target)
-                return None
-
-            finder.find_spec = find_spec
-            finder._ptx_narrowed = True
 
 
-_narrow_numba_cuda_redirector()
 
 import ptx_numba as pn  # noqa: E402
 from ptx_numba import config  # noqa: E402
@@ -214,7 +199,7 @@ def run_case(v: int, dtype: str, args, machine: str, liger, notes: list[str]) ->
     else:
         dst = cuda.device_array_like(logits)
         t = time_op(lambda: dst.copy_to_device(logits), args.warmup, args.repeats)
-    del dst
+    dst = None  # free the copy before the next contender
     add("d2d_copy", "copy", t, 2 * nbytes)
     floor = rows[-1]["gbps"]
 
@@ -222,7 +207,7 @@ def run_case(v: int, dtype: str, args, machine: str, liger, notes: list[str]) ->
     for tpb in args.threads:
         config.CUDA_THREADS_PER_BLOCK = tpb
         if torch is None and dtype == "bfloat16":
-            from ptx_numba import gpu as cuda as backend  # the public API reads bf16 from torch only
+            from ptx_numba import gpu as backend  # the public API reads bf16 from torch only
 
             def call(backend=backend):
                 out = cuda.device_array(n, dtype=np.float32)
@@ -250,13 +235,13 @@ def run_case(v: int, dtype: str, args, machine: str, liger, notes: list[str]) ->
         if liger is not None:
             work = torch.empty_like(logits)
             t = time_op(lambda: liger(work, labels), args.warmup, args.repeats, before=lambda: work.copy_(logits))
-            del work
+            work = None
             add("ce_forward", "liger", t, nbytes)
 
     for r in rows:
         if r["op"] != "d2d_copy":
             r["pct_of_floor"] = 100.0 * r["gbps"] / floor
-    del logits, labels
+    logits = labels = None  # free the batch before the next shape
     if torch is not None:
         torch.cuda.empty_cache()
     return rows

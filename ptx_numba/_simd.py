@@ -27,52 +27,26 @@ from numba.extending import intrinsic, overload
 # --------------------------------------------------------------------------------------------
 # bit casts
 # --------------------------------------------------------------------------------------------
-@intrinsic
-def f32_from_bits(typingctx, bits):
-    """Reinterpret a uint32 as a float32."""
-    if bits != types.uint32:
-        return None
+def _bitcast(name, source, target, llvm_target):
+    """A Numba intrinsic reinterpreting the bits of a ``source`` scalar as ``target``."""
 
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
+    def impl(typingctx, value):
+        if value != source:
+            return None
 
-    return types.float32(types.uint32), codegen
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], llvm_target)
 
+        return target(source), codegen
 
-@intrinsic
-def f32_to_bits(typingctx, value):
-    """Reinterpret a float32 as a uint32."""
-    if value != types.float32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(32))
-
-    return types.uint32(types.float32), codegen
+    impl.__name__ = impl.__qualname__ = name
+    return intrinsic(impl)
 
 
-@intrinsic
-def f64_from_bits(typingctx, bits):
-    """Reinterpret a uint64 as a float64."""
-    if bits != types.uint64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(types.uint64), codegen
-
-
-@intrinsic
-def f64_to_bits(typingctx, value):
-    """Reinterpret a float64 as a uint64."""
-    if value != types.float64:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return types.uint64(types.float64), codegen
+f32_from_bits = _bitcast("f32_from_bits", types.uint32, types.float32, ir.FloatType())
+f32_to_bits = _bitcast("f32_to_bits", types.float32, types.uint32, ir.IntType(32))
+f64_from_bits = _bitcast("f64_from_bits", types.uint64, types.float64, ir.DoubleType())
+f64_to_bits = _bitcast("f64_to_bits", types.float64, types.uint64, ir.IntType(64))
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,6 +64,8 @@ def is_device_array(obj: Any) -> bool:
         return False
     if _is_torch_tensor(obj):
         return obj.device.type == "cuda"
+    if type(obj).__name__ == "FakeCUDAArray":  # numba's CUDA simulator: no interface attribute
+        return True
     try:
         return hasattr(obj, "__cuda_array_interface__")
     except Exception:  # some objects raise from the property itself

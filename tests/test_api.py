@@ -6,14 +6,13 @@ float64 NumPy/scipy on fresh random inputs, within the numerics contract:
 * float64 input: within 1e-10.
 """
 import math
-import warnings
 
 import ml_dtypes
 import numpy as np
 import pytest
-import scipy.special
 
 import ptx_numba as pn
+from exact import as_f64, cast, ce64, lse64
 from ptx_numba import _dispatch
 
 HOST_BACKENDS = [b for b in pn.available_backends() if b != "cuda"]
@@ -30,31 +29,6 @@ def _fresh_dispatch_state():
 # ------------------------------------------------------------------------------------------
 # helpers: float64 ground truth from the exact input values
 # ------------------------------------------------------------------------------------------
-def cast(z, dtype):
-    return z.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
-
-
-def as_f64(x):
-    with np.errstate(invalid="ignore"):
-        return np.asarray(x).astype(np.float64)
-
-
-def lse64(z):
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        return scipy.special.logsumexp(as_f64(z), axis=-1)
-
-
-def ce64(z, labels, ignore_index=-100):
-    z = as_f64(z)
-    y = np.asarray(labels)
-    lse = lse64(z)
-    safe = np.where(y == ignore_index, 0, y)
-    picked = np.take_along_axis(z, safe[..., None], axis=-1)[..., 0]
-    with np.errstate(invalid="ignore"):
-        return np.where(y == ignore_index, 0.0, lse - picked)
-
-
 def tol_for(dtype):
     return F64_TOL if dtype == "float64" else NARROW_TOL
 

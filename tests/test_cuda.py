@@ -17,26 +17,11 @@ import pytest
 numba_cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
 
 
-def _narrow_numba_cuda_redirector() -> None:
-    # numba-cuda's import redirector (_numba_cuda_redirector.py) claims every module whose name
-    # *contains* "numba.cuda", "ptx_numba.gpu" included, and recurses until RecursionError.
-    # Narrow it to numba.cuda itself, as a package-level fix would (see the xfail test below).
-    for finder in sys.meta_path:
-        if type(finder).__name__ == "NumbaCudaFinder" and not getattr(finder, "_ptx_narrowed", False):
-            original = finder.find_spec
-
-            def find_spec(name, path, target=None, _original=original):
-                if name == "numba.cuda" or name.startswith("numba.cuda."):
-                    return _original(name, path, target)
-                return None
-
-            finder.find_spec = find_spec
-            finder._ptx_narrowed = True
 
 
 
 import ptx_numba as pn  # noqa: E402
-from ptx_numba import _dispatch, api, config, reference  # noqa: E402
+from ptx_numba import _dispatch, config, reference  # noqa: E402
 from ptx_numba._validate import prepare_host  # noqa: E402
 
 _dispatch._reset_for_tests()  # forget an earlier failed import of the backend
@@ -67,17 +52,9 @@ def small_launch(monkeypatch):
 
 
 @pytest.fixture
-def device_api(monkeypatch):
-    """Let the public API see simulator arrays as device arrays.
-
-    The simulator's arrays have no ``__cuda_array_interface__``, so ``_validate.is_device_array``
-    treats them as host arrays; real device arrays need no patch.
-    """
-    if ON_SIM and not pn.api.is_device_array(cuda.to_device(np.zeros((1, 1), np.float32))):
-        original = api.is_device_array
-        monkeypatch.setattr(
-            api, "is_device_array", lambda obj: type(obj).__name__ == "FakeCUDAArray" or original(obj)
-        )
+def device_api():
+    """Device arrays of this run (simulator or GPU) must reach the public API as device input."""
+    assert pn.api.is_device_array(cuda.to_device(np.zeros((1, 1), np.float32)))
 
 
 def rel_err(got, exact):
@@ -130,7 +107,7 @@ def hard_logits(rng, n, v, dtype=np.float32):
 
 def labels_for(rng, z, ignore_every=3):
     """Labels on finite entries, with every ``ignore_every``-th row ignored."""
-    n, v = z.shape[0], z.shape[-1]
+    v = z.shape[-1]
     flat = np.asarray(z, dtype=np.float64).reshape(-1, v)
     y = np.array([rng.choice(np.flatnonzero(np.isfinite(row))) for row in flat], dtype=np.int64)
     y[::ignore_every] = IGN

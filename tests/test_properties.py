@@ -4,42 +4,20 @@ Every host backend must agree with float64 scipy within the numerics contract; t
 ``ptx_loss`` relations must hold; CE is shift invariant and non-negative on finite rows.
 """
 import math
-import warnings
 
-import ml_dtypes
 import numpy as np
 import pytest
-import scipy.special
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ptx_numba as pn
+from exact import as_f64, cast, ce64, lse64
 
 HOST_BACKENDS = [b for b in pn.available_backends() if b != "cuda"]
 DTYPES = ["float32", "float64", "float16", "bfloat16"]
 SETTINGS = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def cast(z, dtype):
-    return z.astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype))
-
-
-def as_f64(x):
-    with np.errstate(invalid="ignore"):
-        return np.asarray(x).astype(np.float64)
-
-
-def lse64(z):
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore")
-        return scipy.special.logsumexp(as_f64(z), axis=-1)
-
-
-def ce64(z, y, ignore_index=-100):
-    z = as_f64(z)
-    safe = np.where(y == ignore_index, 0, y)
-    picked = np.take_along_axis(z, safe[..., None], axis=-1)[..., 0]
-    return np.where(y == ignore_index, 0.0, lse64(z) - picked)
 
 
 def rel_err(got, want):
