@@ -1,7 +1,9 @@
 """Benchmark machinery behind ``ptx-numba bench``: synthetic inputs, timing, table, CSV and plot.
 
 Method (see ``docs/performance.md``): every contender runs side by side in one process on the same
-array; a contender's time is the median of its timed calls after warm-up; GB/s is the bytes of
+array; after one warm-up call each, the contenders are timed in interleaved rounds (one call of
+each per round, so a noisy neighbour slows all of them alike) and a contender's time is the median
+of its calls; GB/s is the bytes of
 logits read (the encoded array: 2 bytes per bfloat16/float16 element) divided by that time; the
 floor is the CPU backend's parallel streaming read (``cpu.stream_read``) of the same array.
 
@@ -164,6 +166,28 @@ def median_seconds(call: Callable[[], Any], repeat: int, warmup: int, budget_s: 
     return statistics.median(samples), result
 
 
+def interleaved_median_seconds(calls: dict[str, Callable[[], Any]], repeat: int,
+                               budget_s: float = TIME_BUDGET_S) -> dict[str, float]:
+    """Median wall time of each call over up to ``repeat`` rounds of one call each, in turn.
+
+    Interleaving puts every contender under the same machine conditions, so the ratios between
+    them hold on a shared, noisy machine even when the absolute times drift. Stops early (after
+    at least one round) once the rounds have taken ``budget_s`` per contender.
+    """
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    spent = 0.0
+    for _ in range(repeat):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            elapsed = time.perf_counter() - start
+            samples[name].append(elapsed)
+            spent += elapsed
+        if spent >= budget_s * len(calls):
+            break
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
 def max_relative_error(got: Any, expected: np.ndarray) -> float:
     """``max_i |got_i - ref_i| / max(1, |ref_i|)`` (the numerics contract's measure)."""
     got = np.asarray(got, dtype=np.float64).reshape(-1)
@@ -269,17 +293,21 @@ def run_case(case: Case, contenders: list[str], repeat: int, seed: int = 0) -> l
             results["reference"] = Result("reference", seconds, 0.0)
         else:
             expected = ref_call()
+        calls: dict[str, Callable] = {}
         for name in contenders:
             if name in results:
                 continue
             try:
                 call = _contender_call(name, logits, encoded, labels)
-                seconds, got = median_seconds(call, repeat, warmup=1)
+                got = call()  # warm-up: compiles, and is the result that gets checked
             except Exception as exc:  # e.g. a dtype torch has no CPU kernel for: report it, go on
                 results[name] = Result(name, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:60])
                 continue
             err = None if name == STREAM_READ else max_relative_error(got, expected)
-            results[name] = Result(name, seconds, err)
+            results[name] = Result(name, None, err)
+            calls[name] = call
+        for name, seconds in interleaved_median_seconds(calls, repeat).items():
+            results[name].seconds = seconds
     return [results[name] for name in contenders]
 
 

@@ -6,7 +6,8 @@
   polynomial and an exponent written straight into the float's bits. Numba >= 0.62 has no SVML, so
   ``math.exp`` in a loop becomes one scalar ``expf`` call per element; this one vectorizes.
 * :func:`decode`: turns a stored element into the float it encodes (see :mod:`._validate`):
-  float32/float64 unchanged, ``uint16`` as bfloat16 bits, ``int16`` as IEEE float16 bits.
+  float32/float64 unchanged, ``uint16`` as bfloat16 bits, ``int16`` as IEEE float16 bits (by the
+  CPU's half->float instruction where it has one, else by bit manipulation; both exact).
 
 Accuracy of :func:`fast_exp` (tested in ``tests/test_simd.py``): within ~1 ulp of the correctly
 rounded result for float32 and ~4e-16 relative for float64, over every input whose result is a
@@ -17,6 +18,7 @@ normal number. Inputs below ``-88`` (float32) / ``-708`` (float64), and ``-inf``
 from __future__ import annotations
 
 import math
+import platform
 
 import numpy as np
 from llvmlite import ir
@@ -62,10 +64,11 @@ _EXP_FLAGS = {"contract"}
 _F32_LOG2E = np.float32(1.4426950408889634)
 _F32_LN2_HI = np.float32(0.693359375)
 _F32_LN2_LO = np.float32(math.log(2.0) - 0.693359375)
-_F32_ROUND = np.float32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer in the low bits
+# 1.5 * 2**23 + 127: adding it rounds x/ln2 to an integer k held in the low mantissa bits, already
+# biased (k + 127), so shifting those bits into the exponent field gives 2**k with no integer add.
+_F32_ROUND_BIASED = np.float32(12582912.0 + 127.0)
 _F32_MIN_X = np.float32(-88.0)  # rounds to k = -127: the 2**k bits become 0, so the result is 0
 _F32_MAX_X = np.float32(88.72284)  # rounds to k = 128: the 2**k bits become +inf
-_F32_BIAS = np.uint32(127)
 _F32_SHIFT = np.uint32(23)
 _F32_P2 = np.float32(0.49999991059303284)
 _F32_P3 = np.float32(0.16666419804096222)
@@ -77,63 +80,57 @@ _F32_ONE = np.float32(1.0)
 
 @njit(fastmath=_EXP_FLAGS, cache=True)
 def _exp_f32(x):
-    # Clamp first: it bounds k to [-127, 128] so the exponent bits below cannot wrap. Written as
-    # "limit if x < limit else x" so a NaN x passes through both clamps unchanged.
-    xc = _F32_MIN_X if x < _F32_MIN_X else x
-    xc = _F32_MAX_X if xc > _F32_MAX_X else xc
-    shifted = xc * _F32_LOG2E + _F32_ROUND
-    k = shifted - _F32_ROUND
+    # Clamp first: it bounds k to [-127, 128] so the exponent bits below cannot wrap. Numba's
+    # min/max return NaN for a NaN operand (so NaN passes through) and compile to one vminps /
+    # vmaxps each; the "a if a < b else b" spelling costs a compare and a blend more.
+    xc = min(max(x, _F32_MIN_X), _F32_MAX_X)
+    shifted = xc * _F32_LOG2E + _F32_ROUND_BIASED
+    k = shifted - _F32_ROUND_BIASED
     r = xc - k * _F32_LN2_HI
     r = r - k * _F32_LN2_LO
-    p = _F32_P6
-    p = p * r + _F32_P5
-    p = p * r + _F32_P4
-    p = p * r + _F32_P3
-    p = p * r + _F32_P2
-    p = p * r + _F32_ONE
-    p = p * r + _F32_ONE
-    # The low mantissa bits of `shifted` hold k (two's complement); shifting them into the exponent
-    # field and adding the bias builds 2**k. k = -127 gives 0.0 and k = 128 gives +inf.
-    scale = f32_from_bits(np.uint32((f32_to_bits(shifted) + _F32_BIAS) << _F32_SHIFT))
+    # Estrin's scheme: the same polynomial as Horner's rule, but a dependency chain of 4 FMAs
+    # instead of 6, which keeps more loop iterations in flight (~15% faster on Zen 3).
+    r2 = r * r
+    low = r + _F32_ONE
+    mid = _F32_P3 * r + _F32_P2
+    high = _F32_P5 * r + _F32_P4
+    high = _F32_P6 * r2 + high
+    mid = high * r2 + mid
+    p = mid * r2 + low
+    # The low mantissa bits of `shifted` hold k + 127; shifted into the exponent field they build
+    # 2**k (k = -127 gives 0.0, k = 128 gives +inf).
+    scale = f32_from_bits(np.uint32(f32_to_bits(shifted) << _F32_SHIFT))
     return p * scale
 
 
-# float64: same scheme; degree-13 Taylor polynomial (remainder < 2e-16 relative on |r| <= ln2/2).
+# float64: same scheme; degree-12 Taylor polynomial (remainder < 2e-16 relative on |r| <= ln2/2).
 _F64_LOG2E = 1.4426950408889634
 _F64_LN2_HI = 0.6931471803691238  # 32 significant bits: k*LN2_HI exact for |k| < 2**20
 _F64_LN2_LO = 1.9082149292705877e-10
-_F64_ROUND = 6755399441055744.0  # 1.5 * 2**52
+_F64_ROUND_BIASED = 6755399441055744.0 + 1023.0  # 1.5 * 2**52, plus the exponent bias
 _F64_MIN_X = -709.0  # rounds to k = -1023: 2**k bits become 0
 _F64_MAX_X = 709.8  # rounds to k = 1024: 2**k bits become +inf
-_F64_BIAS = np.uint64(1023)
 _F64_SHIFT = np.uint64(52)
-_F64_INV_FACT = tuple(1.0 / math.factorial(n) for n in range(14))
-(_C0, _C1, _C2, _C3, _C4, _C5, _C6, _C7, _C8, _C9, _C10, _C11, _C12, _C13) = _F64_INV_FACT
+(_C2, _C3, _C4, _C5, _C6, _C7, _C8, _C9, _C10, _C11, _C12) = (
+    1.0 / math.factorial(n) for n in range(2, 13))
 
 
 @njit(fastmath=_EXP_FLAGS, cache=True)
 def _exp_f64(x):
-    xc = _F64_MIN_X if x < _F64_MIN_X else x
-    xc = _F64_MAX_X if xc > _F64_MAX_X else xc
-    shifted = xc * _F64_LOG2E + _F64_ROUND
-    k = shifted - _F64_ROUND
+    xc = min(max(x, _F64_MIN_X), _F64_MAX_X)
+    shifted = xc * _F64_LOG2E + _F64_ROUND_BIASED
+    k = shifted - _F64_ROUND_BIASED
     r = xc - k * _F64_LN2_HI
     r = r - k * _F64_LN2_LO
-    p = _C13
-    p = p * r + _C12
-    p = p * r + _C11
-    p = p * r + _C10
-    p = p * r + _C9
-    p = p * r + _C8
-    p = p * r + _C7
-    p = p * r + _C6
-    p = p * r + _C5
-    p = p * r + _C4
-    p = p * r + _C3
-    p = p * r + _C2
-    p = p * r + _C1
-    p = p * r + _C0
-    scale = f64_from_bits(np.uint64((f64_to_bits(shifted) + _F64_BIAS) << _F64_SHIFT))
+    # Estrin's scheme over pairs of terms: depth 5 instead of Horner's 12.
+    r2 = r * r
+    r4 = r2 * r2
+    r8 = r4 * r4
+    s0 = (_C3 * r + _C2) * r2 + (r + 1.0)
+    s1 = (_C7 * r + _C6) * r2 + (_C5 * r + _C4)
+    s2 = (_C11 * r + _C10) * r2 + (_C9 * r + _C8)
+    p = (_C12 * r4 + s2) * r8 + (s1 * r4 + s0)
+    scale = f64_from_bits(np.uint64(f64_to_bits(shifted) << _F64_SHIFT))
     return p * scale
 
 
@@ -184,6 +181,47 @@ def _f16_to_f32(bits):
     return f32_from_bits(np.uint32(f32_to_bits(value) | sign))
 
 
+@intrinsic
+def _f16_to_f32_native(typingctx, bits):
+    """float16 bits -> float32 by LLVM's ``fpext half``: one ``vcvtph2ps`` per 8 lanes with F16C."""
+    if bits != types.int16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+def _has_native_f16_conversion() -> bool:
+    """True where LLVM turns ``fpext half`` into a hardware instruction, not a runtime-library call.
+
+    x86-64 needs the F16C extension (every x86 CPU since about 2013); AArch64 always has it.
+    Elsewhere the bit-manipulating :func:`_f16_to_f32` is used: exact everywhere, ~1.7x slower.
+    """
+    machine = platform.machine().lower()
+    if machine in ("aarch64", "arm64"):
+        return True
+    if machine not in ("x86_64", "amd64"):
+        return False
+    try:
+        import numba
+        from llvmlite import binding as llvm
+
+        if numba.config.CPU_FEATURES is not None:  # an explicit target (e.g. for portable caches)
+            features = numba.config.CPU_FEATURES
+        elif numba.config.CPU_NAME not in (None, "host"):
+            return False  # a named generic target: assume nothing beyond its baseline
+        else:
+            features = llvm.get_host_cpu_features().flatten()
+        return "+f16c" in features.split(",")
+    except Exception:  # feature query unsupported: stay on the portable path
+        return False
+
+
+NATIVE_F16 = _has_native_f16_conversion()
+
+
 def decode(v):
     """The float a stored logit encodes (float32 for 16-bit encodings; Numba-only)."""
     raise NotImplementedError("decode is a Numba-only function")
@@ -196,6 +234,8 @@ def _decode_overload(v):
     if v == types.uint16:
         return lambda v: _bf16_to_f32(v)
     if v == types.int16:
+        if NATIVE_F16:
+            return lambda v: _f16_to_f32_native(v)
         return lambda v: _f16_to_f32(v)
     return None
 

@@ -6,8 +6,8 @@ The story of one row ``z`` (length V):
    busy; otherwise a few vocabulary segments per row, so N = 1..4 still uses every core).
 2. Each piece is walked in L1-sized *chunks* with a running shift ``m`` and a float64 sum ``s``
    such that ``lse(piece) = m + log(s)``. A chunk costs one read: ``sum exp(z_j - m)`` in float32
-   SIMD lanes (:func:`._simd.fast_exp`), added to ``s`` in float64. ``m`` is the exact max of the
-   first chunk; it need not be the row max, only close enough that no term overflows. A chunk whose
+   SIMD lanes (:func:`._simd.fast_exp`), added to ``s`` in float64. ``m`` starts as the piece's
+   first entry; it need not be the row max, only close enough that no term overflows. A chunk whose
    float32 sum exceeds ``config.CPU_RESCAN_TRIGGER`` (or overflows) holds values well above ``m``:
    it is re-scanned from L1 with its exact max, ``s`` is rescaled, and the chunk summed again. On
    ordinary logits that happens about once per row, so the row is streamed from memory once.
@@ -82,7 +82,13 @@ if not _IMPORT_ERROR:
     def _piece_stats(piece):
         """``(m, s)`` with ``lse(piece) = m + log(s)``; ``(-inf, 0)`` if all entries are -inf."""
         n = piece.size
-        shift = neg_inf_like(piece[0])
+        # Any finite entry is a usable first shift: it contributes exp(0) = 1, so the sum never
+        # underflows, and a later chunk far above it trips the rescan below. Taking the first
+        # entry skips a scalar max pass over the first chunk (LLVM keeps NaN-aware max reductions
+        # scalar). A non-finite first entry falls back to that exact max.
+        shift = decode(piece[0])
+        if not (shift > neg_inf_like(shift) and shift < -neg_inf_like(shift)):
+            shift = neg_inf_like(shift)
         total = 0.0
         for start in range(0, n, _CHUNK):
             chunk = piece[start:min(start + _CHUNK, n)]

@@ -259,3 +259,18 @@ def test_bench_plot_without_matplotlib_is_a_clear_error(capsys, monkeypatch):
                         lambda name, *a: None if name == "matplotlib" else real_find_spec(name, *a))
     assert cli.main(["bench", "--vocab", "10", "--rows", "1", "--plot", "x.png"]) != 0
     assert "needs matplotlib" in capsys.readouterr().err
+
+
+def test_bench_times_contenders_in_interleaved_rounds():
+    order = []
+    calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    medians = _bench.interleaved_median_seconds(calls, repeat=3, budget_s=60.0)
+    assert order == ["a", "b"] * 3  # one call of each per round, so noise hits both alike
+    assert set(medians) == {"a", "b"} and all(0.0 <= s < 1.0 for s in medians.values())
+
+
+def test_bench_rounds_stop_at_the_time_budget():
+    order = []
+    medians = _bench.interleaved_median_seconds({"a": lambda: order.append("a")}, repeat=50,
+                                                budget_s=0.0)
+    assert order == ["a"] and medians["a"] >= 0.0  # at least one round, then the budget ends it

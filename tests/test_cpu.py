@@ -29,7 +29,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("jump", [25.0, 60.0, 95.0, 300.0, 3e4])
 def test_late_large_logit_triggers_rescan(rng, jump):
-    # the running shift is the first chunk's max; a much larger value chunks later must be caught
+    # the running shift starts at the first entry; a much larger value chunks later must be caught
     v = 5 * config.CPU_CHUNK + 17
     z = rng.standard_normal((3, v)).astype(np.float32)
     z[0, 4 * config.CPU_CHUNK + 3] += jump
@@ -39,6 +39,30 @@ def test_late_large_logit_triggers_rescan(rng, jump):
     lse, ce = _run(z, labels)
     want_lse, want_ce = _exact(z.astype(np.float64), labels)
     assert _rel(lse, want_lse) < 2e-5 and _rel(ce, want_ce) < 2e-5
+
+
+@pytest.mark.parametrize("first", [-3e4, -200.0, -30.0, 30.0, 200.0, 3e4, -np.inf])
+def test_first_entry_far_from_the_rest_of_the_row(rng, first):
+    # the first entry seeds the running shift: far below the row (every term would overflow
+    # without the rescan), far above it (every other term underflows), or masked
+    v = 2 * config.CPU_CHUNK + 9
+    z = rng.standard_normal((2, v)).astype(np.float32)
+    z[:, 0] = first
+    labels = [0, v // 2] if np.isfinite(first) else [v - 1, v // 2]
+    lse, ce = _run(z, labels)
+    want_lse, want_ce = _exact(z.astype(np.float64), labels)
+    assert _rel(lse, want_lse) < 2e-5 and _rel(ce, want_ce) < 2e-5
+
+
+@pytest.mark.parametrize("first", [np.nan, np.inf])
+def test_first_entry_nan_or_inf_gives_the_reference_special_value(rng, first):
+    from ptx_numba import reference
+
+    z = rng.standard_normal((1, config.CPU_CHUNK + 3)).astype(np.float32)
+    z[0, 0] = first
+    lse, ce = _run(z, [1])
+    want_lse = reference.logsumexp_rows(z.astype(np.float64))
+    np.testing.assert_array_equal(lse, want_lse)
 
 
 def test_leading_masked_chunks(rng):
