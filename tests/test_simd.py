@@ -14,20 +14,21 @@ def _map_exp(values):
     return out
 
 
-@njit(cache=False)
-def _map_decode(bits):
-    out = np.empty(bits.size, dtype=np.float32)
-    for i in range(bits.size):
-        out[i] = _simd.decode(bits[i])
-    return out
+def _float32_mapper(decoder):
+    """A jitted loop applying a Numba-only ``decoder`` to every element, into float32."""
+
+    @njit(cache=False)
+    def apply(bits):
+        out = np.empty(bits.size, dtype=np.float32)
+        for i in range(bits.size):
+            out[i] = decoder(bits[i])
+        return out
+
+    return apply
 
 
-@njit(cache=False)
-def _map_f16_portable(bits):
-    out = np.empty(bits.size, dtype=np.float32)
-    for i in range(bits.size):
-        out[i] = _simd._f16_to_f32(bits[i])
-    return out
+_map_decode = _float32_mapper(_simd.decode)
+_map_f16_portable = _float32_mapper(_simd._f16_to_f32)
 
 
 def _ulp_error_f32(x):
