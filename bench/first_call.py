@@ -84,7 +84,13 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="fresh processes per figure")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    rows = [measure(d, args.repeat) for d in args.dtype.split(",")]
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
+    dtypes = args.dtype.split(",")
+    unknown = [d for d in dtypes if d not in ("float32", "bfloat16", "float16", "float64")]
+    if unknown:
+        parser.error(f"unknown --dtype {', '.join(unknown)}; choose from float32, bfloat16, float16, float64")
+    rows = [measure(d, args.repeat) for d in dtypes]
     if args.json:
         print(json.dumps(rows, indent=2))
         return
