@@ -193,30 +193,41 @@ def _f16_to_f32_native(typingctx, bits):
     return types.float32(types.int16), codegen
 
 
+def target_cpu_features() -> frozenset[str]:
+    """The x86 features (``"avx2"``, ``"f16c"``, ...) Numba compiles for; empty where unknown.
+
+    Follows Numba's target choice: an explicit ``NUMBA_CPU_FEATURES`` list (e.g. for portable
+    caches) wins; a named non-host ``NUMBA_CPU_NAME`` means "assume nothing beyond the baseline";
+    otherwise the host CPU's features.
+    """
+    try:
+        import numba
+        from llvmlite import binding as llvm
+
+        if numba.config.CPU_FEATURES is not None:
+            features = numba.config.CPU_FEATURES
+        elif numba.config.CPU_NAME not in (None, "host"):
+            return frozenset()
+        else:
+            features = llvm.get_host_cpu_features().flatten()
+        return frozenset(f[1:] for f in features.split(",") if f.startswith("+"))
+    except Exception:  # feature query unsupported: assume nothing
+        return frozenset()
+
+
+def is_x86_64() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def _has_native_f16_conversion() -> bool:
     """True where LLVM turns ``fpext half`` into a hardware instruction, not a runtime-library call.
 
     x86-64 needs the F16C extension (every x86 CPU since about 2013); AArch64 always has it.
     Elsewhere the bit-manipulating :func:`_f16_to_f32` is used: exact everywhere, ~1.7x slower.
     """
-    machine = platform.machine().lower()
-    if machine in ("aarch64", "arm64"):
+    if platform.machine().lower() in ("aarch64", "arm64"):
         return True
-    if machine not in ("x86_64", "amd64"):
-        return False
-    try:
-        import numba
-        from llvmlite import binding as llvm
-
-        if numba.config.CPU_FEATURES is not None:  # an explicit target (e.g. for portable caches)
-            features = numba.config.CPU_FEATURES
-        elif numba.config.CPU_NAME not in (None, "host"):
-            return False  # a named generic target: assume nothing beyond its baseline
-        else:
-            features = llvm.get_host_cpu_features().flatten()
-        return "+f16c" in features.split(",")
-    except Exception:  # feature query unsupported: stay on the portable path
-        return False
+    return is_x86_64() and "f16c" in target_cpu_features()
 
 
 NATIVE_F16 = _has_native_f16_conversion()

@@ -25,6 +25,11 @@ CPU_CHUNK = 2048
 #: e**20 ~ 4.9e8: terms up to e**20 keep float32 lanes far from overflow and lose < 2e-6 to rounding.
 CPU_RESCAN_TRIGGER = 4.0e8
 
+#: The hand-written AVX2 exp-sum (:mod:`ptx_numba._avx2`) for float32, bfloat16 and float16 logits:
+#: None = use it where the CPU has AVX2 + FMA (+ F16C for float16); False = always the portable
+#: Numba loop (tests patch this to cover both). Read at call time.
+CPU_AVX2 = None
+
 #: Minimum elements per thread-piece when one row is split across threads (small-N case).
 CPU_MIN_SEGMENT = 16384
 

@@ -35,6 +35,7 @@ try:  # numba is a core dependency, but a broken install must degrade, not break
     import numba
     from numba import njit, prange
 
+    from . import _avx2
     from ._simd import decode, fast_exp, neg_inf_like, zero_like
 
     _IMPORT_ERROR = ""
@@ -110,6 +111,43 @@ if not _IMPORT_ERROR:
         return float(shift), total
 
     @_jit()
+    def _piece_stats_avx2(piece):
+        """:func:`_piece_stats` on the hand-written AVX2 loop (float32-computed encodings only).
+
+        Same walk, but each chunk costs one :func:`._avx2.expsum` and the shift is ``m = S/K8``
+        for an integer ``S`` near ``K8`` times the first entry (or a re-scanned chunk max). Shifts
+        outside the loop's range (|m| above ~3.6e5, +inf) send the piece to :func:`_piece_stats`.
+        """
+        n = piece.size
+        limit = _avx2.S_LIMIT / float(_avx2.K8)
+        k8 = _avx2.K8
+        first = float(decode(piece[0]))
+        m = -np.inf
+        ms = lo = hi = np.float32(0.0)
+        if abs(first) < limit:  # finite and in range (NaN compares false)
+            m, ms, lo, hi = _avx2.shift_constants(first)
+        total = 0.0
+        for start in range(0, n, _CHUNK):
+            chunk = piece[start:min(start + _CHUNK, n)]
+            if m != -np.inf:
+                partial = _avx2.expsum(chunk, k8, ms, lo, hi)
+                if not partial > _TRIGGER:  # NaN partials reach the total (see _piece_stats)
+                    total += float(partial)
+                    continue
+            chunk_max = float(_chunk_max(chunk))
+            if chunk_max == -np.inf:
+                continue
+            if not abs(chunk_max) < limit:
+                return _piece_stats(piece)
+            if chunk_max > m:
+                new_m, ms, lo, hi = _avx2.shift_constants(chunk_max)
+                if total > 0.0:
+                    total *= math.exp(m - new_m)
+                m = new_m
+            total += float(_avx2.expsum(chunk, k8, ms, lo, hi))
+        return m, total
+
+    @_jit()
     def _row_lse_exact(row):
         """Two-pass float64 log-sum-exp with the reference's special values (slow path)."""
         best = -np.inf
@@ -127,23 +165,36 @@ if not _IMPORT_ERROR:
     # ----------------------------------------------------------------------------------------
     # kernels
     # ----------------------------------------------------------------------------------------
+    @_jit()
+    def _piece_bounds(task, pieces_per_row, vocab):
+        """``(row, piece, start, stop)`` of task ``task`` (one piece of one row)."""
+        piece_len = (vocab + pieces_per_row - 1) // pieces_per_row
+        row = task // pieces_per_row
+        piece = task - row * pieces_per_row
+        start = piece * piece_len
+        return row, piece, start, min(start + piece_len, vocab)
+
     @_jit(parallel=True)
     def _pieces_kernel(logits, pieces_per_row, shifts, totals):
         """Fill ``shifts/totals[N, P]`` with the ``(m, s)`` of each of the P pieces of each row."""
         n_rows, vocab = logits.shape
-        piece_len = (vocab + pieces_per_row - 1) // pieces_per_row
         for task in prange(n_rows * pieces_per_row):
-            row = task // pieces_per_row
-            piece = task - row * pieces_per_row
-            start = piece * piece_len
-            stop = min(start + piece_len, vocab)
+            row, piece, start, stop = _piece_bounds(task, pieces_per_row, vocab)
             if start >= stop:
-                shifts[row, piece] = -np.inf
-                totals[row, piece] = 0.0
+                shifts[row, piece], totals[row, piece] = -np.inf, 0.0
             else:
-                m, s = _piece_stats(logits[row, start:stop])
-                shifts[row, piece] = m
-                totals[row, piece] = s
+                shifts[row, piece], totals[row, piece] = _piece_stats(logits[row, start:stop])
+
+    @_jit(parallel=True)
+    def _pieces_kernel_avx2(logits, pieces_per_row, shifts, totals):
+        """:func:`_pieces_kernel` on the AVX2 loop (compiled only where :mod:`._avx2` runs)."""
+        n_rows, vocab = logits.shape
+        for task in prange(n_rows * pieces_per_row):
+            row, piece, start, stop = _piece_bounds(task, pieces_per_row, vocab)
+            if start >= stop:
+                shifts[row, piece], totals[row, piece] = -np.inf, 0.0
+            else:
+                shifts[row, piece], totals[row, piece] = _piece_stats_avx2(logits[row, start:stop])
 
     @_jit(parallel=True)
     def _finish_kernel(logits, labels, ignore_index, shifts, totals, lse_out, ce_out):
@@ -209,6 +260,11 @@ def pieces_per_row(n_rows: int, vocab: int, n_threads: int | None = None) -> int
     return max(1, min(wanted, vocab // config.CPU_MIN_SEGMENT))
 
 
+def uses_avx2(dtype: np.dtype) -> bool:
+    """Whether logits of this encoded dtype run on the AVX2 loop (``config.CPU_AVX2`` permitting)."""
+    return config.CPU_AVX2 is not False and _avx2.supports(np.dtype(dtype))
+
+
 def row_stats(x: np.ndarray, labels: np.ndarray | None, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-row ``(lse, ce)`` as float64 arrays ``[N]`` (``ce`` is 0 where ignored / unlabelled).
 
@@ -229,8 +285,9 @@ def row_stats(x: np.ndarray, labels: np.ndarray | None, ignore_index: int) -> tu
     pieces = pieces_per_row(n_rows, vocab)
     shifts = np.empty((n_rows, pieces), dtype=np.float64)
     totals = np.empty((n_rows, pieces), dtype=np.float64)
+    kernel = _pieces_kernel_avx2 if uses_avx2(x.dtype) else _pieces_kernel
     try:
-        _pieces_kernel(x, pieces, shifts, totals)
+        kernel(x, pieces, shifts, totals)
         _finish_kernel(x, labels, np.int64(ignore_index), shifts, totals, lse, ce)
     except (KernelUnavailable, MemoryError, ValueError, TypeError):
         raise
