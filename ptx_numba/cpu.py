@@ -185,6 +185,9 @@ if not _IMPORT_ERROR:
             else:
                 shifts[row, piece], totals[row, piece] = _piece_stats(logits[row, start:stop])
 
+    # Two kernels that differ in the piece function, not one taking it as an argument: a function
+    # argument is typed by the dispatcher object's identity, so Numba's disk cache missed on every
+    # new process (measured). A runtime flag would compile the AVX2 intrinsics on every CPU.
     @_jit(parallel=True)
     def _pieces_kernel_avx2(logits, pieces_per_row, shifts, totals):
         """:func:`_pieces_kernel` on the AVX2 loop (compiled only where :mod:`._avx2` runs)."""
