@@ -45,7 +45,7 @@ _STEP = 2 * _LANES  # elements per loop iteration: one 256-bit load of 16-bit da
 
 #: Software prefetch distance of the float32 loop (bytes). That loop is fast enough that the
 #: hardware prefetcher alone leaves it waiting on memory: 4 KiB ahead cut [512, 128256] float32 from
-#: 19.0 to 15.3 ms on one thread (Zen 3; 2 KiB and 8 KiB were no better). The 16-bit loops are
+#: 19.0 to 15.3 ms on one thread (Zen 3; throwaway A/B builds, 2 KiB and 8 KiB no better). The 16-bit loops are
 #: compute bound and got ~7% slower with it (two prefetches per cache line), so they do without.
 #: A compile-time constant, because Numba's cache would not notice a runtime setting.
 PREFETCH_BYTES = 4096
