@@ -448,25 +448,24 @@ def test_torch_inputs_never_modified():
 ALL_BITS = np.arange(1 << 16, dtype=np.uint32)
 
 
-def _f16_by_formula(bits):
-    """IEEE binary16 value from sign/exponent/mantissa (independent of NumPy's float16)."""
+def _binary16_by_formula(bits, exponent_bits, mantissa_bits):
+    """Value of a 16-bit IEEE-style float from sign/exponent/mantissa (independent of NumPy)."""
+    bias = (1 << (exponent_bits - 1)) - 1
     sign = np.where(bits >> 15, -1.0, 1.0)
-    exp = ((bits >> 10) & 0x1F).astype(np.int64)
-    man = (bits & 0x3FF).astype(np.float64)
-    normal = sign * np.ldexp(1.0 + man / 1024.0, exp - 15)
-    sub = sign * np.ldexp(man / 1024.0, -14)
+    exp = ((bits >> mantissa_bits) & ((1 << exponent_bits) - 1)).astype(np.int64)
+    man = (bits & ((1 << mantissa_bits) - 1)).astype(np.float64) / (1 << mantissa_bits)
+    normal = sign * np.ldexp(1.0 + man, exp - bias)
+    sub = sign * np.ldexp(man, 1 - bias)
     special = np.where(man == 0, sign * np.inf, np.nan)
-    return np.where(exp == 0, sub, np.where(exp == 31, special, normal))
+    return np.where(exp == 0, sub, np.where(exp == (1 << exponent_bits) - 1, special, normal))
+
+
+def _f16_by_formula(bits):
+    return _binary16_by_formula(bits, exponent_bits=5, mantissa_bits=10)
 
 
 def _bf16_by_formula(bits):
-    sign = np.where(bits >> 15, -1.0, 1.0)
-    exp = ((bits >> 7) & 0xFF).astype(np.int64)
-    man = (bits & 0x7F).astype(np.float64)
-    normal = sign * np.ldexp(1.0 + man / 128.0, exp - 127)
-    sub = sign * np.ldexp(man / 128.0, -126)
-    special = np.where(man == 0, sign * np.inf, np.nan)
-    return np.where(exp == 0, sub, np.where(exp == 255, special, normal))
+    return _binary16_by_formula(bits, exponent_bits=8, mantissa_bits=7)
 
 
 def test_decode_float16_every_pattern_exact():
