@@ -25,8 +25,17 @@ whose ``x - m`` lies below ``-87.3`` (results below ``2**-126``) are approximate
 ``2**-126`` and exactly 0 below ``-88.03`` and for ``-inf``; ``x`` above ``hi`` gives at most
 ``3.3e38`` (finite). NaN gives NaN. ``S`` is chosen by :func:`shift_constants`.
 
+**float64** logits get a sibling loop in 4 double lanes, ``sum_j 2**(x_j * K1 - S)`` with
+``K1 = 1/ln 2`` (float64): the same clamps and exact FMA range reduction (``MAGIC64 = 1.5 * 2**52 +
+1023``), ``2**k`` straight from the shifted bits (no table), and ``2**r`` for ``|r| <= 1/2`` by a
+degree-9 polynomial (Chebyshev-node fit, 3.7e-14 relative), accumulated by one FMA per lane. Each
+term is ``exp(x - m)`` (``m = S/K1``) to within 5e-14 relative; below ``x - m = -709.1`` and for
+``-inf`` it is exactly 0, above ``+709.4`` it stays finite (<= 1.8e308).
+
 The path needs x86-64 with AVX2 and FMA (F16C too for float16); :data:`AVAILABLE` says whether
-the host has them. Elsewhere the portable loop in :mod:`.cpu` runs.
+the host has them. Elsewhere the portable loop in :mod:`.cpu` runs. Inside Numba code,
+:func:`constants` and :func:`shift_limit` pick the float32 or float64 constants by the type of the
+decoded shift, so one walk serves every encoding.
 """
 from __future__ import annotations
 
@@ -36,18 +45,20 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ._simd import NATIVE_F16, is_x86_64, target_cpu_features
 
 _LANES = 8  # float32 lanes in a 256-bit register
 _STEP = 2 * _LANES  # elements per loop iteration: one 256-bit load of 16-bit data, two of float32
+_STEP64 = 8  # float64 elements per loop iteration: two 256-bit loads of 4 lanes
 
-#: Software prefetch distance of the float32 loop (bytes). That loop is fast enough that the
-#: hardware prefetcher alone leaves it waiting on memory: 4 KiB ahead cut [512, 128256] float32 from
-#: 19.0 to 15.3 ms on one thread (Zen 3; throwaway A/B builds, 2 KiB and 8 KiB no better). The 16-bit loops are
-#: compute bound and got ~7% slower with it (two prefetches per cache line), so they do without.
-#: A compile-time constant, because Numba's cache would not notice a runtime setting.
+#: Software prefetch distance of the float32 and float64 loops (bytes). With the hardware
+#: prefetcher alone they wait on memory: 4 KiB ahead cut [512, 128256] float32 from 19.0 to 15.3 ms
+#: on one thread, and float64 from 35.0 to 28.0 ms on two (Zen 3; throwaway A/B builds, 2 KiB and
+#: 8 KiB no better). The 16-bit loops are compute bound and got ~7% slower with it (two
+#: prefetches per cache line), so they do without. A compile-time constant, because Numba's cache
+#: would not notice a runtime setting.
 PREFETCH_BYTES = 4096
 
 #: 8 / ln 2 in float32.
@@ -70,8 +81,24 @@ _A1 = 0.08664340525865555
 _A2 = 0.003754026023671031
 _A3 = 0.00010839102469617501
 
+#: 1/ln 2 in float64 (kappa - 1 ~ 1e-16: negligible).
+K1_F64 = 1.0 / math.log(2.0)
+#: 1.5 * 2**52 (rounds to an integer in the mantissa) + 1023 (the exponent bias of 2**k).
+MAGIC64 = 6755399441055744.0 + 1023.0
+_K64_MIN = -1023  # biased exponent 0: 2**k's bits are all 0
+_K64_MAX = 1023  # biased exponent 2046, the largest finite one
+#: |S| bound of the float64 loop (keeps MAGIC64 - S in [2**52, 2**53) with room for k).
+S_LIMIT64 = 2.0**50
+# 2**r ~ 1 + r*(C1 + C2*r + ... + C9*r**8) on |r| <= 1/2: (2**r - 1)/r interpolated at 9
+# Chebyshev nodes (50-digit mpmath solve), relative error 3.7e-14 (tests/test_avx2.py checks the terms to 5e-14). Degree 10 (5.8e-16) cost 12% more
+# time per element; the float64 contract is 1e-10.
+_C64 = (0.6931471805599453, 0.2402265069581299, 0.055504108664760424, 0.009618129159402558,
+        0.0013333558179043112, 0.00015403455852453838, 1.525268684626772e-05, 1.3255224878668817e-06,
+        1.0203121063391729e-07)
+
 #: Encodings this module reads, and the bits that decode to -inf (the padding of a partial block).
-_NEG_INF_BITS = {types.float32: -np.inf, types.uint16: 0xFF80, types.int16: -1024}  # 0xFC00
+_NEG_INF_BITS = {types.float32: -np.inf, types.uint16: 0xFF80, types.int16: -1024,  # 0xFC00
+                 types.float64: -np.inf}
 
 
 #: True where the hand-written loop can run (x86-64 with AVX2 and FMA).
@@ -82,35 +109,112 @@ def supports(dtype: np.dtype) -> bool:
     """Whether :func:`expsum` handles this encoded logits dtype on this host."""
     if not AVAILABLE:
         return False
-    if dtype == np.float32 or dtype == np.uint16:
+    if dtype in (np.float32, np.float64, np.uint16):
         return True
     return dtype == np.int16 and NATIVE_F16
 
 
+@intrinsic
+def _fma_f64(typingctx, a, b, c):
+    """``a*b + c`` with one rounding (float64 scalars; Numba-only)."""
+    if not all(arg == types.float64 for arg in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _call(builder, "llvm.fma.f64", ir.DoubleType(), list(args))
+
+    return types.float64(a, b, c), codegen
+
+
+@njit(cache=True)
+def _shift_and_correction(s, k, bits_per_unit):
+    """``m = fl(s/k)`` and the factor that moves a sum taken against the exact ``s/k`` onto ``m``.
+
+    The loops sum ``2**((x*k - s)/bits_per_unit)``, i.e. against the real number ``s/k``, which is
+    not a float64. Multiplying by ``2**((s - k*m)/bits_per_unit)`` makes the sum one against ``m``
+    itself; ``s - k*m`` is formed exactly (Sterbenz, then the FMA residual of the product). Without
+    it, CE would carry ``|s/k - m|`` (up to 1.1e-16 |m|, 1e-10 at offsets of 1e6) as an absolute
+    error.
+    """
+    m = s / k
+    product = k * m
+    residual = (s - product) - _fma_f64(k, m, -product)
+    return m, math.exp(residual * math.log(2.0) / bits_per_unit)
+
+
 @njit(cache=True)
 def shift_constants(shift):
-    """The constants of :func:`expsum` for a row shift near ``shift`` (finite, float).
+    """The float32 constants of :func:`expsum` for a row shift near ``shift`` (finite, float).
 
-    Returns ``(m, ms, lo, hi)``: ``m = S/K8`` (float64) is the shift actually used, ``ms = MAGIC - S``
-    and the clamp bounds ``lo``, ``hi`` (float32; ``k`` at ``lo`` is exactly ``_K_MIN``).
+    Returns ``(m, ms, lo, hi, corr)``: ``m`` (float64) is the shift actually used, ``ms = MAGIC - S``
+    and the clamp bounds ``lo``, ``hi`` (float32; ``k`` at ``lo`` is exactly ``_K_MIN``), and
+    ``corr`` (float64) the factor that turns a sum from :func:`expsum` into ``sum exp(x - m)``.
     Requires ``abs(shift * K8) < S_LIMIT`` (|shift| < ~3.6e5).
     """
-    k8 = float(K8)
-    s = float(round(float(shift) * k8))
+    k8 = np.float64(K8)
+    s = float(round(np.float64(shift) * k8))
     lo = np.float32((s + _K_MIN) / k8)
     hi = np.float32((s + _K_MAX) / k8)
-    return s / k8, np.float32(MAGIC - s), lo, hi
+    m, corr = _shift_and_correction(s, k8, 8.0)
+    return m, np.float32(MAGIC - s), lo, hi, corr
+
+
+@njit(cache=True)
+def shift_constants_f64(shift):
+    """:func:`shift_constants` of the float64 loop: ``(m, ms, lo, hi, corr)``, all float64.
+
+    Requires ``abs(shift * K1_F64) < S_LIMIT64``. ``k`` at ``lo`` is exactly ``-1023`` (term 0.0).
+    """
+    s = float(round(shift * K1_F64))
+    m, corr = _shift_and_correction(s, K1_F64, 1.0)
+    return m, MAGIC64 - s, (s + _K64_MIN) / K1_F64, (s + _K64_MAX) / K1_F64, corr
+
+
+def constants(shift):
+    """``(m, K, ms, lo, hi, corr)`` for :func:`expsum`, in the type of ``shift`` (Numba-only).
+
+    ``m`` and ``corr`` are float64: ``corr * expsum(...)`` is ``sum exp(x - m)``."""
+    raise NotImplementedError("constants is a Numba-only function")
+
+
+@overload(constants, jit_options={"cache": True})
+def _constants_overload(shift):
+    if shift == types.float64:
+        def impl64(shift):
+            m, ms, lo, hi, corr = shift_constants_f64(shift)
+            return m, K1_F64, ms, lo, hi, corr
+        return impl64
+    if shift == types.float32:
+        def impl32(shift):
+            m, ms, lo, hi, corr = shift_constants(shift)
+            return m, K8, ms, lo, hi, corr
+        return impl32
+    return None
+
+
+def shift_limit(shift):
+    """The largest ``|shift|`` :func:`constants` accepts for a shift of this type (Numba-only)."""
+    raise NotImplementedError("shift_limit is a Numba-only function")
+
+
+@overload(shift_limit, jit_options={"cache": True})
+def _shift_limit_overload(shift):
+    limit = S_LIMIT64 / K1_F64 if shift == types.float64 else S_LIMIT / float(K8)
+    return lambda shift: limit
 
 
 # --------------------------------------------------------------------------------------------
 # IR emission
 # --------------------------------------------------------------------------------------------
 _F32 = ir.FloatType()
+_F64 = ir.DoubleType()
 _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _I16 = ir.IntType(16)
 _VF = ir.VectorType(_F32, _LANES)
 _VI = ir.VectorType(_I32, _LANES)
+_VD = ir.VectorType(_F64, 4)
+_VQ = ir.VectorType(_I64, 4)
 
 
 def _splat(value, vtype=_VF):
@@ -118,8 +222,9 @@ def _splat(value, vtype=_VF):
 
 
 def _broadcast(builder, scalar):
-    one = builder.insert_element(ir.Constant(_VF, ir.Undefined), scalar, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, ir.Constant(_VF, ir.Undefined), _splat(0, _VI))
+    vtype = ir.VectorType(scalar.type, 4 if scalar.type == _F64 else _LANES)
+    one = builder.insert_element(ir.Constant(vtype, ir.Undefined), scalar, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vtype, ir.Undefined), _splat(0, ir.VectorType(_I32, vtype.count)))
 
 
 def _call(builder, name, ret, args):
@@ -128,14 +233,19 @@ def _call(builder, name, ret, args):
 
 
 def _fma(builder, a, b, c):
-    return _call(builder, "llvm.fma.v8f32", _VF, [a, b, c])
+    name = "llvm.fma.v4f64" if a.type == _VD else "llvm.fma.v8f32"
+    return _call(builder, name, a.type, [a, b, c])
 
 
-def _emit_terms(builder, x, k8, ms, lo, hi):
-    """``2**((x*K8 - S)/8)`` for one <8 x float> (see the module docstring)."""
-    # "x < lo ? lo : x": NaN compares false and passes through (one vmaxps).
+def _clamp(builder, x, lo, hi):
+    # "x < lo ? lo : x": NaN compares false and passes through (one vmaxps/vmaxpd each).
     x = builder.select(builder.fcmp_ordered("<", x, lo), lo, x)
-    x = builder.select(builder.fcmp_ordered(">", x, hi), hi, x)
+    return builder.select(builder.fcmp_ordered(">", x, hi), hi, x)
+
+
+def _accumulate_f32(builder, acc, x, k8, ms, lo, hi):
+    """``acc + 2**((x*K8 - S)/8)`` for one <8 x float> (see the module docstring)."""
+    x = _clamp(builder, x, lo, hi)
     s8 = _fma(builder, x, k8, ms)
     r = _fma(builder, x, k8, builder.fsub(ms, s8))
     bits = builder.bitcast(s8, _VI)
@@ -143,14 +253,37 @@ def _emit_terms(builder, x, k8, ms, lo, hi):
     entry = builder.bitcast(_call(builder, "llvm.x86.avx2.permps", _VF, [table, bits]), _VI)
     scale = builder.bitcast(builder.add(entry, builder.shl(bits, _splat(20, _VI))), _VF)
     q = _fma(builder, _fma(builder, _splat(_A3), r, _splat(_A2)), r, _splat(_A1))
-    return _fma(builder, scale, builder.fmul(q, r), scale)
+    return builder.fadd(acc, _fma(builder, scale, builder.fmul(q, r), scale))
+
+
+def _accumulate_f64(builder, acc, x, k1, ms, lo, hi):
+    """``acc + 2**(x*K1 - S)`` for one <4 x double>: the float64 sibling, without a table."""
+    x = _clamp(builder, x, lo, hi)
+    s = _fma(builder, x, k1, ms)
+    r = _fma(builder, x, k1, builder.fsub(ms, s))
+    # the low 12 bits of s's mantissa hold 1023 + k: shifted into the exponent field they are 2**k
+    scale = builder.bitcast(builder.shl(builder.bitcast(s, _VQ), _splat(52, _VQ)), _VD)
+    # 2**r = E(r*r) + r*O(r*r): two Horner chains of 4 FMAs side by side. One chain of 9
+    # dependent FMAs (36 cycles) kept too few blocks in flight for the scheduler to overlap.
+    r2 = builder.fmul(r, r)
+    coeffs = (1.0,) + _C64
+    even = _splat(coeffs[8], _VD)
+    for c in coeffs[6::-2]:
+        even = _fma(builder, even, r2, _splat(c, _VD))
+    odd = _splat(coeffs[9], _VD)
+    for c in coeffs[7::-2]:
+        odd = _fma(builder, odd, r2, _splat(c, _VD))
+    p = _fma(builder, odd, r, even)
+    # float64 lanes leave ~1e-16 of rounding to spare, so the term is accumulated in the same FMA
+    return _fma(builder, scale, p, acc)
 
 
 def _decode_block(builder, raw, dtype):
-    """Two <8 x float> from one block of 16 stored elements (lane order is irrelevant to a sum)."""
-    if dtype == types.float32:
-        lo_half = builder.shuffle_vector(raw, raw, ir.Constant(_VI, list(range(8))))
-        hi_half = builder.shuffle_vector(raw, raw, ir.Constant(_VI, list(range(8, 16))))
+    """Two vectors of lanes from one block of stored elements (lane order is irrelevant to a sum)."""
+    if dtype in (types.float32, types.float64):
+        half = raw.type.count // 2
+        lo_half = builder.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
+        hi_half = builder.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(_I32, half), list(range(half, 2 * half))))
         return lo_half, hi_half
     if dtype == types.uint16:
         # bfloat16 -> float32 is "bits << 16": interleaving with zero words does it for 8 lanes
@@ -166,32 +299,32 @@ def _decode_block(builder, raw, dtype):
         return tuple(out)
     # float16: one vcvtph2ps per 8 lanes
     wide = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), 16)), ir.VectorType(_F32, 16))
-    lo_half = builder.shuffle_vector(wide, wide, ir.Constant(_VI, list(range(8))))
-    hi_half = builder.shuffle_vector(wide, wide, ir.Constant(_VI, list(range(8, 16))))
-    return lo_half, hi_half
+    return _decode_block(builder, wide, types.float32)
 
 
-def _element_ir_type(dtype):
-    return _F32 if dtype == types.float32 else _I16
+#: Per encoding: the LLVM element type, its masked-load suffix and its size (the load alignment).
+_ELEMENT = {types.float32: (_F32, "f32", 4), types.float64: (_F64, "f64", 8), types.uint16: (_I16, "i16", 2),
+            types.int16: (_I16, "i16", 2)}
 
 
-def _block_pointer(builder, data, index, dtype):
-    block = ir.VectorType(_element_ir_type(dtype), _STEP)
-    base = builder.bitcast(data, ir.PointerType(_element_ir_type(dtype)))
+def _block_pointer(builder, data, index, dtype, step):
+    element = _ELEMENT[dtype][0]
+    block = ir.VectorType(element, step)
+    base = builder.bitcast(data, ir.PointerType(element))
     return builder.bitcast(builder.gep(base, [index]), ir.PointerType(block)), block
 
 
-def _load_tail(builder, data, start, count, dtype):
-    """The last ``count < 16`` elements from ``start``, padded with the encoding of -inf."""
-    ptr, block = _block_pointer(builder, data, start, dtype)
-    lanes = ir.Constant(ir.VectorType(_I64, _STEP), list(range(_STEP)))
-    limit = builder.insert_element(ir.Constant(ir.VectorType(_I64, _STEP), ir.Undefined), count,
+def _load_tail(builder, data, start, count, dtype, step):
+    """The last ``count < step`` elements from ``start``, padded with the encoding of -inf."""
+    ptr, block = _block_pointer(builder, data, start, dtype, step)
+    lanes = ir.Constant(ir.VectorType(_I64, step), list(range(step)))
+    limit = builder.insert_element(ir.Constant(ir.VectorType(_I64, step), ir.Undefined), count,
                                    ir.Constant(_I32, 0))
-    limit = builder.shuffle_vector(limit, limit, ir.Constant(ir.VectorType(_I32, _STEP), [0] * _STEP))
+    limit = builder.shuffle_vector(limit, limit, ir.Constant(ir.VectorType(_I32, step), [0] * step))
     mask = builder.icmp_signed("<", lanes, limit)
-    pad = ir.Constant(block, [ir.Constant(block.element, _NEG_INF_BITS[dtype])] * _STEP)
-    name = f"llvm.masked.load.v{_STEP}{'f32' if dtype == types.float32 else 'i16'}.p0"
-    return _call(builder, name, block, [ptr, ir.Constant(_I32, 2 if dtype != types.float32 else 4), mask, pad])
+    pad = ir.Constant(block, [ir.Constant(block.element, _NEG_INF_BITS[dtype])] * step)
+    name = f"llvm.masked.load.v{step}{_ELEMENT[dtype][1]}.p0"
+    return _call(builder, name, block, [ptr, ir.Constant(_I32, _ELEMENT[dtype][2]), mask, pad])
 
 
 def _prefetch(builder, ptr):
@@ -203,34 +336,39 @@ def _prefetch(builder, ptr):
 
 def _horizontal_sum(builder, vec):
     total = builder.extract_element(vec, ir.Constant(_I32, 0))
-    for lane in range(1, _LANES):
+    for lane in range(1, vec.type.count):
         total = builder.fadd(total, builder.extract_element(vec, ir.Constant(_I32, lane)))
     return total
 
 
 @intrinsic
-def expsum(typingctx, chunk, k8, ms, lo, hi):
-    """``sum_j 2**((chunk[j]*K8 - S)/8)`` as float32 (Numba-only; see the module docstring).
+def expsum(typingctx, chunk, k, ms, lo, hi):
+    """``sum_j 2**((chunk[j]*K8 - S)/8)`` (``2**(chunk[j]*K1 - S)`` for float64; Numba-only).
 
-    ``chunk`` is a 1-D C-contiguous float32 / uint16 (bfloat16 bits) / int16 (float16 bits) array;
-    ``k8`` is :data:`K8` and ``ms, lo, hi`` come from :func:`shift_constants` (all float32). Each
-    of the two float32 accumulators adds one term per lane every 16 elements, so a 2048-element
-    chunk adds 128 terms per lane.
+    ``chunk`` is a 1-D C-contiguous float32 / uint16 (bfloat16 bits) / int16 (float16 bits) array
+    with float32 ``k = K8`` and ``ms, lo, hi`` from :func:`shift_constants` (result float32), or a
+    float64 array with ``k = K1_F64`` and float64 constants from :func:`shift_constants_f64`
+    (result float64). Two accumulators each take one term per lane every block (16 elements; 8
+    for float64), so a 2048-element chunk adds 128 (float64: 256) terms per lane.
     """
     if not (isinstance(chunk, types.Array) and chunk.ndim == 1 and chunk.layout == "C"
-            and chunk.dtype in _NEG_INF_BITS
-            and all(arg == types.float32 for arg in (k8, ms, lo, hi))):
+            and chunk.dtype in _NEG_INF_BITS):
         return None
     dtype = chunk.dtype
+    lane_type = types.float64 if dtype == types.float64 else types.float32
+    if not all(arg == lane_type for arg in (k, ms, lo, hi)):
+        return None
+    step = _STEP64 if dtype == types.float64 else _STEP
+    accumulate = _accumulate_f64 if dtype == types.float64 else _accumulate_f32
+    vtype = _VD if dtype == types.float64 else _VF
 
     def codegen(context, builder, signature, args):
         array = context.make_array(signature.args[0])(context, builder, args[0])
         n = builder.extract_value(array.shape, 0)
         consts = [_broadcast(builder, value) for value in args[1:]]
-        step = ir.Constant(_I64, _STEP)
-        n_full = builder.sdiv(n, step)
-        remainder = builder.sub(n, builder.mul(n_full, step))
-        zero = _splat(0.0)
+        n_full = builder.sdiv(n, ir.Constant(_I64, step))
+        remainder = builder.sub(n, builder.mul(n_full, ir.Constant(_I64, step)))
+        zero = ir.Constant(vtype, None)
 
         entry = builder.block
         loop = builder.append_basic_block("expsum.loop")
@@ -241,44 +379,37 @@ def expsum(typingctx, chunk, k8, ms, lo, hi):
 
         builder.position_at_end(loop)
         index = builder.phi(_I64)
-        acc_a = builder.phi(_VF)
-        acc_b = builder.phi(_VF)
-        ptr, _ = _block_pointer(builder, array.data, builder.mul(index, step), dtype)
-        raw = builder.load(ptr, align=4 if dtype == types.float32 else 2)
-        if dtype == types.float32:
+        accs = [builder.phi(vtype), builder.phi(vtype)]
+        ptr, _ = _block_pointer(builder, array.data, builder.mul(index, ir.Constant(_I64, step)), dtype, step)
+        raw = builder.load(ptr, align=_ELEMENT[dtype][2])
+        if dtype in (types.float32, types.float64):
             _prefetch(builder, ptr)
-        x_a, x_b = _decode_block(builder, raw, dtype)
-        new_a = builder.fadd(acc_a, _emit_terms(builder, x_a, *consts))
-        new_b = builder.fadd(acc_b, _emit_terms(builder, x_b, *consts))
+        new = [accumulate(builder, acc, x, *consts) for acc, x in zip(accs, _decode_block(builder, raw, dtype))]
         next_index = builder.add(index, ir.Constant(_I64, 1))
         builder.cbranch(builder.icmp_signed("<", next_index, n_full), loop, after_loop)
         index.add_incoming(ir.Constant(_I64, 0), entry)
         index.add_incoming(next_index, loop)
-        for phi, new in ((acc_a, new_a), (acc_b, new_b)):
+        for phi, value in zip(accs, new):
             phi.add_incoming(zero, entry)
-            phi.add_incoming(new, loop)
+            phi.add_incoming(value, loop)
 
         builder.position_at_end(after_loop)
-        sum_a = builder.phi(_VF)
-        sum_b = builder.phi(_VF)
-        for phi, new in ((sum_a, new_a), (sum_b, new_b)):
+        sums = [builder.phi(vtype), builder.phi(vtype)]
+        for phi, value in zip(sums, new):
             phi.add_incoming(zero, entry)
-            phi.add_incoming(new, loop)
+            phi.add_incoming(value, loop)
         builder.cbranch(builder.icmp_signed(">", remainder, ir.Constant(_I64, 0)), tail, done)
 
         builder.position_at_end(tail)
-        raw = _load_tail(builder, array.data, builder.mul(n_full, step), remainder, dtype)
-        x_a, x_b = _decode_block(builder, raw, dtype)
-        tail_a = builder.fadd(sum_a, _emit_terms(builder, x_a, *consts))
-        tail_b = builder.fadd(sum_b, _emit_terms(builder, x_b, *consts))
+        raw = _load_tail(builder, array.data, builder.mul(n_full, ir.Constant(_I64, step)), remainder, dtype, step)
+        tails = [accumulate(builder, acc, x, *consts) for acc, x in zip(sums, _decode_block(builder, raw, dtype))]
         builder.branch(done)
 
         builder.position_at_end(done)
-        final_a = builder.phi(_VF)
-        final_b = builder.phi(_VF)
-        for phi, via_tail, direct in ((final_a, tail_a, sum_a), (final_b, tail_b, sum_b)):
+        finals = [builder.phi(vtype), builder.phi(vtype)]
+        for phi, via_tail, direct in zip(finals, tails, sums):
             phi.add_incoming(direct, after_loop)
             phi.add_incoming(via_tail, tail)
-        return _horizontal_sum(builder, builder.fadd(final_a, final_b))
+        return _horizontal_sum(builder, builder.fadd(*finals))
 
-    return types.float32(chunk, k8, ms, lo, hi), codegen
+    return lane_type(chunk, k, ms, lo, hi), codegen

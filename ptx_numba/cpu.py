@@ -55,9 +55,14 @@ if not _IMPORT_ERROR:
     _CHUNK = config.CPU_CHUNK
     _TRIGGER = config.CPU_RESCAN_TRIGGER
 
-    def _jit(parallel=False):
-        """The one njit configuration of this module: cached, explicit fast-math flag set."""
-        return njit(fastmath=_FLAGS, parallel=parallel, cache=True, nogil=True)
+    def _jit(parallel=False, strict=False):
+        """The one njit configuration of this module: cached, explicit fast-math flag set.
+
+        ``strict`` drops fast-math where the order of operations is the point: with "reassoc",
+        LLVM may rewrite ``log(s) - (z_y - m)`` as ``(log(s) - z_y) + m`` and bring back the
+        cancellation it exists to avoid (CE 1e-7 came out as 0 at offsets of 2.5e9).
+        """
+        return njit(fastmath=False if strict else _FLAGS, parallel=parallel, cache=True, nogil=True)
 
     # ----------------------------------------------------------------------------------------
     # chunk and piece primitives (inlined by LLVM into the kernels)
@@ -112,39 +117,41 @@ if not _IMPORT_ERROR:
 
     @_jit()
     def _piece_stats_avx2(piece):
-        """:func:`_piece_stats` on the hand-written AVX2 loop (float32-computed encodings only).
+        """:func:`_piece_stats` on the hand-written AVX2 loops (every encoding).
 
-        Same walk, but each chunk costs one :func:`._avx2.expsum` and the shift is ``m = S/K8``
-        for an integer ``S`` near ``K8`` times the first entry (or a re-scanned chunk max). Shifts
-        outside the loop's range (|m| above ~3.6e5, +inf) send the piece to :func:`_piece_stats`.
+        Same walk, but each chunk costs one :func:`._avx2.expsum` and the shift is ``m = S/K`` for
+        an integer ``S`` near ``K`` times the first entry (or a re-scanned chunk max), with the
+        float32 or float64 constants picked by the decoded type. Shifts outside the loop's range
+        (|m| above ~3.6e5 for float32-computed encodings, ~7.8e14 for float64; +inf) send the
+        piece to :func:`_piece_stats`.
         """
         n = piece.size
-        limit = _avx2.S_LIMIT / float(_avx2.K8)
-        k8 = _avx2.K8
-        first = float(decode(piece[0]))
+        first = decode(piece[0])
+        limit = _avx2.shift_limit(first)
         m = -np.inf
-        ms = lo = hi = np.float32(0.0)
+        corr = 1.0
+        k = ms = lo = hi = zero_like(piece[0])
         if abs(first) < limit:  # finite and in range (NaN compares false)
-            m, ms, lo, hi = _avx2.shift_constants(first)
+            m, k, ms, lo, hi, corr = _avx2.constants(first)
         total = 0.0
         for start in range(0, n, _CHUNK):
             chunk = piece[start:min(start + _CHUNK, n)]
             if m != -np.inf:
-                partial = _avx2.expsum(chunk, k8, ms, lo, hi)
+                partial = _avx2.expsum(chunk, k, ms, lo, hi)
                 if not partial > _TRIGGER:  # NaN partials reach the total (see _piece_stats)
-                    total += float(partial)
+                    total += corr * float(partial)
                     continue
-            chunk_max = float(_chunk_max(chunk))
+            chunk_max = _chunk_max(chunk)
             if chunk_max == -np.inf:
                 continue
             if not abs(chunk_max) < limit:
                 return _piece_stats(piece)
             if chunk_max > m:
-                new_m, ms, lo, hi = _avx2.shift_constants(chunk_max)
+                new_m, k, ms, lo, hi, corr = _avx2.constants(chunk_max)
                 if total > 0.0:
                     total *= math.exp(m - new_m)
                 m = new_m
-            total += float(_avx2.expsum(chunk, k8, ms, lo, hi))
+            total += corr * float(_avx2.expsum(chunk, k, ms, lo, hi))
         return m, total
 
     @_jit()
@@ -199,7 +206,7 @@ if not _IMPORT_ERROR:
             else:
                 shifts[row, piece], totals[row, piece] = _piece_stats_avx2(logits[row, start:stop])
 
-    @_jit(parallel=True)
+    @_jit(parallel=True, strict=True)
     def _finish_kernel(logits, labels, ignore_index, shifts, totals, lse_out, ce_out):
         """Merge pieces into per-row LSE and CE (ignored rows: CE 0); redo non-finite rows."""
         n_rows, pieces_per_row = shifts.shape

@@ -5,6 +5,7 @@ whose 15 padding lanes decode to -inf and must add exactly 0, so ``expsum(x[i:i+
 """
 import math
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -19,18 +20,21 @@ _K8 = float(_avx2.K8)
 
 @njit(cache=False)
 def _terms(chunk, shift):
-    """Each element's term (one-element chunks) and the shift ``m`` actually used."""
-    m, ms, lo, hi = _avx2.shift_constants(shift)
-    out = np.empty(chunk.size, dtype=np.float32)
+    """Each element's term (one-element chunks), the shift ``m`` used and its correction factor.
+
+    A float32 ``shift`` selects the float32 constants, a float64 one the float64 loop's.
+    """
+    m, k, ms, lo, hi, corr = _avx2.constants(shift)
+    out = np.empty(chunk.size, dtype=np.float64)
     for i in range(chunk.size):
-        out[i] = _avx2.expsum(chunk[i:i + 1], _avx2.K8, ms, lo, hi)
-    return out, m
+        out[i] = _avx2.expsum(chunk[i:i + 1], k, ms, lo, hi)
+    return out, m, corr
 
 
 @njit(cache=False)
 def _chunk_sum(chunk, shift):
-    m, ms, lo, hi = _avx2.shift_constants(shift)
-    return _avx2.expsum(chunk, _avx2.K8, ms, lo, hi), m
+    m, k, ms, lo, hi, corr = _avx2.constants(shift)
+    return _avx2.expsum(chunk, k, ms, lo, hi), m, corr
 
 
 def _exact_terms(values64, m):
@@ -58,7 +62,7 @@ def test_terms_within_one_and_a_half_ulp(rng, shift):
     # every term whose result is a normal float32, from far below the shift up to the upper clamp
     # (x - m = 1023/K8 = 88.64; above it terms stay at 3.1e38 instead of overflowing)
     x = (shift + rng.uniform(-88.0, 88.5, 50_000)).astype(np.float32)
-    got, m = _terms(x, np.float32(shift))
+    got, m, _ = _terms(x, np.float32(shift))
     errors = _ulp_errors(got, _exact_terms(x.astype(np.float64), m))
     assert errors.size > 40_000 and errors.max() <= 1.5
 
@@ -66,7 +70,7 @@ def test_terms_within_one_and_a_half_ulp(rng, shift):
 def test_terms_for_every_float16_value():
     bits = np.arange(-32768, 32768, dtype=np.int64).astype(np.int16)
     values = bits.view(np.float16).astype(np.float64)
-    got, m = _terms(bits, np.float32(3.0))
+    got, m, _ = _terms(bits, np.float32(3.0))
     below_clamp = np.isfinite(values) & (values < m + 88.5)
     exact = _exact_terms(values[below_clamp], m)
     assert _ulp_errors(got[below_clamp], exact).max() <= 1.5
@@ -78,7 +82,7 @@ def test_terms_for_every_float16_value():
 def test_terms_match_exp_of_the_distance_to_the_shift(rng):
     # exp(x - m) itself: the float32 rounding of 8/ln2 scales (x - m) by kappa = 1 - 1.3e-8
     x = rng.uniform(-40.0, 20.0, 20_000).astype(np.float32)
-    got, m = _terms(x, np.float32(2.5))
+    got, m, _ = _terms(x, np.float32(2.5))
     d = x.astype(np.float64) - m
     rel = np.abs(got / np.exp(d) - 1.0)
     assert abs(_avx2.KAPPA_MINUS_ONE) < 1.4e-8
@@ -89,7 +93,7 @@ def test_special_values_and_clamps():
     shift = np.float32(10.0)
     x = np.array([-np.inf, -1e30, 10.0 - 88.1, 10.0 - 87.0, 10.0, 10.0 + 88.0, 10.0 + 1e3, 3e38, np.inf,
                   np.nan], dtype=np.float32)
-    got, m = _terms(x, shift)
+    got, m, _ = _terms(x, shift)
     assert got[0] == got[1] == got[2] == 0.0  # -inf and anything below the lower clamp: exactly 0
     assert 0.0 < got[3] < 2.0**-124
     assert got[4] == pytest.approx(math.exp(10.0 - m), rel=3e-7)
@@ -100,7 +104,7 @@ def test_special_values_and_clamps():
 
 def test_never_nan_from_finite_input(rng):
     x = (rng.standard_normal(20_000) * 10.0 ** rng.uniform(0, 38, 20_000)).astype(np.float32)
-    got, _ = _terms(x, np.float32(rng.uniform(-100, 100)))
+    got, _, _ = _terms(x, np.float32(rng.uniform(-100, 100)))
     assert not np.isnan(got).any()
 
 
@@ -117,9 +121,11 @@ def test_chunk_sum_every_length_and_encoding(rng, n):
     for name, (stored, values) in encodings.items():
         if name == "float16" and not _avx2.supports(np.dtype(np.int16)):
             continue
-        got, m = _chunk_sum(stored, shift)
+        got, m, _ = _chunk_sum(stored, shift)
         want = np.exp(values - m).sum()
         assert got == pytest.approx(want, rel=2e-6, abs=1e-30), name
+    got, m, corr = _chunk_sum(x.astype(np.float64), np.float64(shift))
+    assert corr * got == pytest.approx(np.exp(x.astype(np.float64) - m).sum(), rel=1e-13, abs=1e-300)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses mprotect")
@@ -137,12 +143,13 @@ def test_does_not_read_past_the_end(n):
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     assert libc.mprotect(address + page, page, 0) == 0  # PROT_NONE
     try:
-        for dtype, one in ((np.float32, 1.0), (np.uint16, 0x3F80), (np.int16, 0x3C00)):
+        for dtype, one in ((np.float32, 1.0), (np.float64, 1.0), (np.uint16, 0x3F80), (np.int16, 0x3C00)):
             if not _avx2.supports(np.dtype(dtype)):
                 continue
             arr = np.frombuffer(buf, dtype=dtype, count=page // np.dtype(dtype).itemsize)
             arr[:] = one  # 1.0 in each encoding
-            got, m = _chunk_sum(arr[arr.size - n:], np.float32(1.0))
+            shift = np.float64(1.0) if dtype == np.float64 else np.float32(1.0)
+            got, m, _ = _chunk_sum(arr[arr.size - n:], shift)
             assert got == pytest.approx(n * math.exp(1.0 - m), rel=1e-6), dtype
             del arr
     finally:
@@ -151,7 +158,7 @@ def test_does_not_read_past_the_end(n):
 
 @pytest.mark.parametrize("shift", [0.0, 0.02, -1.0, 88.0, -3e4, 3e5, -3.6e5])
 def test_shift_constants_pin_the_clamped_exponents(shift):
-    m, ms, lo, hi = _avx2.shift_constants(np.float32(shift))
+    m, ms, lo, hi, _ = _avx2.shift_constants(np.float32(shift))
     s = round(m * _K8)
     assert abs(m - shift) <= 0.5 / _K8 + 1e-9 * abs(shift)
     assert float(ms) == _avx2.MAGIC - s  # exact in float32
@@ -160,5 +167,60 @@ def test_shift_constants_pin_the_clamped_exponents(shift):
 
 
 def test_supports():
-    assert _avx2.supports(np.dtype(np.float32)) and _avx2.supports(np.dtype(np.uint16))
-    assert not _avx2.supports(np.dtype(np.float64))
+    assert all(_avx2.supports(np.dtype(t)) for t in (np.float32, np.float64, np.uint16))
+    assert not _avx2.supports(np.dtype(np.int32)) and not _avx2.supports(np.dtype(np.float16))
+
+
+# --- float64 ---------------------------------------------------------------------------------
+_KAPPA64_MINUS_ONE = float(np.longdouble(_avx2.K1_F64) * np.log(np.longdouble(2.0)) - 1)
+
+
+def _exp_ld(values64, m):
+    """``exp(x - m)`` in long double (x - m is exact: both are float64 and close)."""
+    d = values64.astype(np.longdouble) - np.longdouble(m)
+    return np.exp(d), d
+
+
+@pytest.mark.parametrize("shift", [0.0, 1.0, -17.25, 650.0, -3e4, 1e6, -2.5e9, 1e13])
+def test_f64_terms_match_exp_to_5e_14(rng, shift):
+    # corr * term against exp(x - m): 5e-14 for the polynomial and roundings, plus the kappa term.
+    # At 1e13 the shift's own rounding (|S/K1 - m| ~ 1e-3) would be a 1e-3 error without corr.
+    x = shift + rng.uniform(-708.0, 708.0, 50_000)  # the upper clamp is at x - m = 709.09
+    got, m, corr = _terms(x, np.float64(shift))
+    exact, d = _exp_ld(x, m)
+    normal = exact >= 2.0**-1020
+    rel = np.abs(np.longdouble(corr) * got[normal] / exact[normal] - 1)
+    assert normal.sum() > 40_000
+    assert abs(_KAPPA64_MINUS_ONE) < 2.3e-16
+    assert np.all(rel <= 5e-14 + 2.3e-16 * np.abs(d[normal]))
+
+
+def test_f64_special_values_and_clamps():
+    shift = 10.0
+    x = np.array([-np.inf, -1e300, 10.0 - 710.0, 10.0 - 700.0, 10.0, 10.0 + 709.0, 10.0 + 1e4, 1e308, np.inf,
+                  np.nan])
+    got, m, corr = _terms(x, np.float64(shift))
+    assert got[0] == got[1] == got[2] == 0.0  # -inf and anything below the lower clamp: exactly 0
+    assert corr * got[3] == pytest.approx(math.exp(-700.0 + 10.0 - m), rel=1e-13)
+    assert corr * got[4] == pytest.approx(math.exp(10.0 - m), rel=1e-14)
+    assert np.all(np.isfinite(got[5:9])) and np.all(got[6:9] >= got[5])  # clamped, never inf
+    assert np.isnan(got[9])
+
+
+def test_f64_never_nan_from_finite_input(rng):
+    x = rng.standard_normal(20_000) * 10.0 ** rng.uniform(0, 300, 20_000)
+    got, _, _ = _terms(x, np.float64(rng.uniform(-1000, 1000)))
+    assert not np.isnan(got).any()
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.02, -1.0, 700.0, -3e4, 1e9, -7e14])
+def test_f64_shift_constants_pin_the_clamped_exponents(shift):
+    m, ms, lo, hi, corr = _avx2.shift_constants_f64(shift)
+    k1 = np.longdouble(_avx2.K1_F64)
+    s = _avx2.MAGIC64 - ms
+    assert s == round(s) and abs(m - shift) <= 0.5 / float(k1) + 2.3e-16 * abs(shift)
+    assert round(float(np.longdouble(lo) * k1 - np.longdouble(s))) == -1023  # bits 0: exactly 0.0
+    assert round(float(np.longdouble(hi) * k1 - np.longdouble(s))) <= 1023  # the largest finite
+    # corr moves a sum against the real S/K1 onto m: 2**(S - K1*m), the residual in exact rationals
+    residual = Fraction(s) - Fraction(_avx2.K1_F64) * Fraction(m)
+    assert corr == pytest.approx(2.0 ** float(residual), rel=1e-15)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(not cpu.is_available()[0], reason="numba unavail
 @pytest.fixture(params=["avx2", "portable"])
 def kernel_path(request, monkeypatch):
     """Run a test on the hand-written AVX2 loop and on the portable Numba loop."""
-    if request.param == "avx2" and not cpu.uses_avx2(np.dtype(np.float32)):
+    if request.param == "avx2" and not cpu.uses_avx2(np.dtype(np.float64)):
         pytest.skip("the AVX2 loop does not run on this CPU")
     monkeypatch.setattr(config, "CPU_AVX2", None if request.param == "avx2" else False)
     return request.param
@@ -95,6 +95,18 @@ def test_row_split_matches_whole_rows(kernel_path, rng, n_rows, monkeypatch):
     lse, ce = _run(z, labels)
     want_lse, want_ce = _exact(z.astype(np.float64), labels)
     assert _rel(lse, want_lse) < 2e-5 and _rel(ce, want_ce) < 2e-5
+
+
+@pytest.mark.parametrize("offset", [1e6, -3e7, 2.5e9])
+def test_float64_huge_offsets_keep_confident_ce_to_1e_10(kernel_path, rng, offset):
+    # CE ~ 1e-7 on a 2.5e9 offset: the shift must be an exact float64 (see _avx2.constants' corr)
+    z = rng.standard_normal((4, 3001))
+    z[:, 7] += 25.0
+    z += offset
+    lse, ce = _run(z, [7] * 4)
+    exact_ce = scipy_lse(z - z[:, 7:8], axis=1)  # z - z_y is exact: no cancellation in the reference
+    assert np.all(np.abs(ce - exact_ce) <= 1e-10 * np.maximum(1.0, exact_ce))
+    assert _rel(lse, scipy_lse(z, axis=1)) <= 1e-15
 
 
 def test_pieces_per_row_policy():

@@ -47,7 +47,10 @@ def exact_ce(z, labels, ignore_index=-100):
     y = np.asarray(labels).reshape(-1)
     out = np.zeros(flat.shape[0])
     for i, (row, lab) in enumerate(zip(flat, y)):
-        if lab != ignore_index:
+        if lab != ignore_index and np.isfinite(row[lab]):
+            # lse(z - z_y): z - z_y is exact for nearby values, where lse(z) - z_y would cancel
+            out[i] = exact_lse_row(row - row[lab])
+        elif lab != ignore_index:
             out[i] = exact_lse_row(row) - row[lab]
     return out.reshape(np.shape(labels))
 
