@@ -25,7 +25,7 @@ def _repeat_expsum(chunk, shift, reps):
 
 @njit(fastmath=_FLAGS, cache=False)
 def _repeat_expsum_avx2(chunk, shift, reps):
-    _, k, ms, lo, hi = _avx2.constants(shift)
+    _, k, ms, lo, hi, _ = _avx2.constants(shift)
     total = 0.0
     for _ in range(reps):
         total += _avx2.expsum(chunk, k, ms, lo, hi)
