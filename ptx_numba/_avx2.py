@@ -3,7 +3,7 @@
 Numba leaves vectorization to LLVM's loop vectorizer, which cannot use a register-resident lookup
 table (``vpermps``) and always spends a subtraction on ``x - m``. This module writes the loop
 directly as LLVM vector IR (through ``numba.extending.intrinsic``), so the work per 8 lanes drops
-from 17 vector operations to 13 (plus a software prefetch per 64 bytes):
+from 17 vector operations to 13 (plus, except for float16, a software prefetch per 64 bytes):
 
 ``sum_j 2**((x_j * K8 - S) / 8)``, with ``K8 = 8/ln 2`` (float32) and an integer ``S``:
 
@@ -23,7 +23,7 @@ on every float16 input and on random float32 inputs; 1.17 in a one-off 10 M-inpu
 portable loop incurs. Terms
 whose ``x - m`` lies below ``-87.3`` (results below ``2**-126``) are approximate to within
 ``2**-126`` and exactly 0 below ``-88.03`` and for ``-inf``; ``x`` above ``hi`` gives at most
-``3.3e38`` (finite). NaN gives NaN. ``S`` is chosen by :func:`shift_constants`.
+``3.3e38`` (finite). NaN gives NaN. ``S`` is chosen by :func:`._shift.shift_constants`.
 
 **float64** logits get a sibling loop in 4 double lanes, ``sum_j 2**(x_j * K1 - S)`` with
 ``K1 = 1/ln 2`` (float64): the same clamps and exact FMA range reduction (``MAGIC64 = 1.5 * 2**52 +
@@ -33,44 +33,52 @@ term is ``exp(x - m)`` (``m = S/K1``) to within 5e-14 relative; below ``x - m = 
 ``-inf`` it is exactly 0, above ``+709.4`` it stays finite (<= 1.8e308).
 
 The path needs x86-64 with AVX2 and FMA (F16C too for float16); :data:`AVAILABLE` says whether
-the host has them. Elsewhere the portable loop in :mod:`.cpu` runs. Inside Numba code,
-:func:`constants` and :func:`shift_limit` pick the float32 or float64 constants by the type of the
-decoded shift, so one walk serves every encoding.
+the host has them. Elsewhere the portable loop in :mod:`.cpu` runs. The shift arithmetic
+(:func:`constants`, :func:`shift_limit`, which pick the float32 or float64 set by the type of the
+decoded shift, so one walk serves every encoding) is in :mod:`._shift` and re-exported here.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic
 
+# The shift arithmetic lives in ._shift; callers reach it through this module, beside the loop.
+from ._shift import (  # noqa: F401  (re-exported)
+    K1_F64,
+    K8,
+    KAPPA_MINUS_ONE,
+    MAGIC,
+    MAGIC64,
+    S_LIMIT,
+    S_LIMIT64,
+    constants,
+    shift_constants,
+    shift_constants_f64,
+    shift_limit,
+)
 from ._simd import NATIVE_F16, is_x86_64, target_cpu_features
 
 _LANES = 8  # float32 lanes in a 256-bit register
-_STEP = 2 * _LANES  # elements per loop iteration: one 256-bit load of 16-bit data, two of float32
-_STEP64 = 8  # float64 elements per loop iteration: two 256-bit loads of 4 lanes
 
-#: Software prefetch distance of the float32 and float64 loops (bytes). With the hardware
-#: prefetcher alone they wait on memory: 4 KiB ahead cut [512, 128256] float32 from 19.0 to 15.3 ms
-#: on one thread, and float64 from 35.0 to 28.0 ms on two (Zen 3; throwaway A/B builds, 2 KiB and
-#: 8 KiB no better). The 16-bit loops are compute bound and got ~7% slower with it (two
-#: prefetches per cache line), so they do without. A compile-time constant, because Numba's cache
-#: would not notice a runtime setting.
+#: Software prefetch distance (bytes), one prefetch per loop iteration. With the hardware
+#: prefetcher alone the loops wait on memory: 4 KiB ahead cut [512, 128256] float32 from 19.0 to
+#: 15.3 ms on one thread, and float64 from 35.0 to 28.0 ms on two (Zen 3; throwaway A/B builds,
+#: 2 KiB and 8 KiB no better). A compile-time constant, because Numba's cache would not notice a
+#: runtime setting.
 PREFETCH_BYTES = 4096
 
-#: 8 / ln 2 in float32.
-K8 = np.float32(8.0 / math.log(2.0))
-#: kappa - 1: the relative perturbation of ``x - m`` by the float32 rounding of K8 (-1.3e-8).
-KAPPA_MINUS_ONE = float(K8) * math.log(2.0) / 8.0 - 1.0
-#: 1.5 * 2**23 (rounds to an integer in the mantissa) + 8 * 127 (the exponent bias of 2**(k/8)).
-MAGIC = 12582912.0 + 1016.0
-_K_MIN = -1016  # k = -1016: biased exponent 0 and table index 0, so the scale's bits are all 0
-_K_MAX = 1023  # k = 1023: biased exponent 254, the largest finite one
-#: |S| bound: keeps MAGIC - S in [2**23, 2**24) (unit spacing) with the clamped k range inside.
-S_LIMIT = 2.0**22 - 2048.0
+#: Per encoding: elements per loop iteration and whether the iteration prefetches. Every step
+#: but float16's is one 64-byte cache line, so a prefetch per iteration is one per line.
+#: bfloat16 reads 32 elements per iteration (was 16 with no prefetch): 7.25-7.5 ms against
+#: 7.9-8.0 ms for [512, 128256] on two threads (min of 40 calls, 3 alternating processes each).
+#: float16 measured 0.3-0.5 ms *slower* that way (its vcvtph2ps is not the bottleneck the
+#: prefetches relieve), so it keeps 16 elements and no prefetch.
+_STEP_AND_PREFETCH = {types.float32: (16, True), types.float64: (8, True), types.uint16: (32, True),
+                      types.int16: (16, False)}
+
 
 # Table entry j holds the bits of 2**(j/8) minus what the shifted s8 bits add back: the exponent
 # bias (127 << 23) and j itself (j << 20, since s8's low bits are 8*(n+127) + j).
@@ -81,17 +89,9 @@ _A1 = 0.08664340525865555
 _A2 = 0.003754026023671031
 _A3 = 0.00010839102469617501
 
-#: 1/ln 2 in float64 (kappa - 1 ~ 1e-16: negligible).
-K1_F64 = 1.0 / math.log(2.0)
-#: 1.5 * 2**52 (rounds to an integer in the mantissa) + 1023 (the exponent bias of 2**k).
-MAGIC64 = 6755399441055744.0 + 1023.0
-_K64_MIN = -1023  # biased exponent 0: 2**k's bits are all 0
-_K64_MAX = 1023  # biased exponent 2046, the largest finite one
-#: |S| bound of the float64 loop (keeps MAGIC64 - S in [2**52, 2**53) with room for k).
-S_LIMIT64 = 2.0**50
 # 2**r ~ 1 + r*(C1 + C2*r + ... + C9*r**8) on |r| <= 1/2: (2**r - 1)/r interpolated at 9
-# Chebyshev nodes (50-digit mpmath solve), relative error 3.7e-14 (tests/test_avx2.py checks the terms to 5e-14). Degree 10 (5.8e-16) cost 12% more
-# time per element; the float64 contract is 1e-10.
+# Chebyshev nodes (50-digit mpmath solve), relative error 3.7e-14 (tests/test_avx2.py checks the
+# terms to 5e-14). Degree 10 (5.8e-16) cost 12% more time per element; the float64 contract is 1e-10.
 _C64 = (0.6931471805599453, 0.2402265069581299, 0.055504108664760424, 0.009618129159402558,
         0.0013333558179043112, 0.00015403455852453838, 1.525268684626772e-05, 1.3255224878668817e-06,
         1.0203121063391729e-07)
@@ -113,94 +113,6 @@ def supports(dtype: np.dtype) -> bool:
         return True
     return dtype == np.int16 and NATIVE_F16
 
-
-@intrinsic
-def _fma_f64(typingctx, a, b, c):
-    """``a*b + c`` with one rounding (float64 scalars; Numba-only)."""
-    if not all(arg == types.float64 for arg in (a, b, c)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        return _call(builder, "llvm.fma.f64", ir.DoubleType(), list(args))
-
-    return types.float64(a, b, c), codegen
-
-
-@njit(cache=True)
-def _shift_and_correction(s, k, bits_per_unit):
-    """``m = fl(s/k)`` and the factor that moves a sum taken against the exact ``s/k`` onto ``m``.
-
-    The loops sum ``2**((x*k - s)/bits_per_unit)``, i.e. against the real number ``s/k``, which is
-    not a float64. Multiplying by ``2**((s - k*m)/bits_per_unit)`` makes the sum one against ``m``
-    itself; ``s - k*m`` is formed exactly (Sterbenz, then the FMA residual of the product). Without
-    it, CE would carry ``|s/k - m|`` (up to 1.1e-16 |m|, 1e-10 at offsets of 1e6) as an absolute
-    error.
-    """
-    m = s / k
-    product = k * m
-    residual = (s - product) - _fma_f64(k, m, -product)
-    return m, math.exp(residual * math.log(2.0) / bits_per_unit)
-
-
-@njit(cache=True)
-def shift_constants(shift):
-    """The float32 constants of :func:`expsum` for a row shift near ``shift`` (finite, float).
-
-    Returns ``(m, ms, lo, hi, corr)``: ``m`` (float64) is the shift actually used, ``ms = MAGIC - S``
-    and the clamp bounds ``lo``, ``hi`` (float32; ``k`` at ``lo`` is exactly ``_K_MIN``), and
-    ``corr`` (float64) the factor that turns a sum from :func:`expsum` into ``sum exp(x - m)``.
-    Requires ``abs(shift * K8) < S_LIMIT`` (|shift| < ~3.6e5).
-    """
-    k8 = np.float64(K8)
-    s = float(round(np.float64(shift) * k8))
-    lo = np.float32((s + _K_MIN) / k8)
-    hi = np.float32((s + _K_MAX) / k8)
-    m, corr = _shift_and_correction(s, k8, 8.0)
-    return m, np.float32(MAGIC - s), lo, hi, corr
-
-
-@njit(cache=True)
-def shift_constants_f64(shift):
-    """:func:`shift_constants` of the float64 loop: ``(m, ms, lo, hi, corr)``, all float64.
-
-    Requires ``abs(shift * K1_F64) < S_LIMIT64``. ``k`` at ``lo`` is exactly ``-1023`` (term 0.0).
-    """
-    s = float(round(shift * K1_F64))
-    m, corr = _shift_and_correction(s, K1_F64, 1.0)
-    return m, MAGIC64 - s, (s + _K64_MIN) / K1_F64, (s + _K64_MAX) / K1_F64, corr
-
-
-def constants(shift):
-    """``(m, K, ms, lo, hi, corr)`` for :func:`expsum`, in the type of ``shift`` (Numba-only).
-
-    ``m`` and ``corr`` are float64: ``corr * expsum(...)`` is ``sum exp(x - m)``."""
-    raise NotImplementedError("constants is a Numba-only function")
-
-
-@overload(constants, jit_options={"cache": True})
-def _constants_overload(shift):
-    if shift == types.float64:
-        def impl64(shift):
-            m, ms, lo, hi, corr = shift_constants_f64(shift)
-            return m, K1_F64, ms, lo, hi, corr
-        return impl64
-    if shift == types.float32:
-        def impl32(shift):
-            m, ms, lo, hi, corr = shift_constants(shift)
-            return m, K8, ms, lo, hi, corr
-        return impl32
-    return None
-
-
-def shift_limit(shift):
-    """The largest ``|shift|`` :func:`constants` accepts for a shift of this type (Numba-only)."""
-    raise NotImplementedError("shift_limit is a Numba-only function")
-
-
-@overload(shift_limit, jit_options={"cache": True})
-def _shift_limit_overload(shift):
-    limit = S_LIMIT64 / K1_F64 if shift == types.float64 else S_LIMIT / float(K8)
-    return lambda shift: limit
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,6 +165,8 @@ def _accumulate_f32(builder, acc, x, k8, ms, lo, hi):
     entry = builder.bitcast(_call(builder, "llvm.x86.avx2.permps", _VF, [table, bits]), _VI)
     scale = builder.bitcast(builder.add(entry, builder.shl(bits, _splat(20, _VI))), _VF)
     q = _fma(builder, _fma(builder, _splat(_A3), r, _splat(_A2)), r, _splat(_A1))
+    # Not fma(scale, fma(q, r, 1), acc), one op fewer: rounding 1 + q*r costs another 0.5 ulp
+    # (1.81 ulp measured against 1.5) for 5-10% on an L1-resident chunk.
     return builder.fadd(acc, _fma(builder, scale, builder.fmul(q, r), scale))
 
 
@@ -285,6 +199,10 @@ def _decode_block(builder, raw, dtype):
         lo_half = builder.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
         hi_half = builder.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(_I32, half), list(range(half, 2 * half))))
         return lo_half, hi_half
+    if dtype in (types.uint16, types.int16) and raw.type.count == 4 * _LANES:
+        halves = [builder.shuffle_vector(raw, raw, ir.Constant(ir.VectorType(_I32, 16), list(range(h, h + 16))))
+                  for h in (0, 16)]
+        return tuple(v for half in halves for v in _decode_block(builder, half, dtype))
     if dtype == types.uint16:
         # bfloat16 -> float32 is "bits << 16": interleaving with zero words does it for 8 lanes
         # in one vpunpck{l,h}wd.
@@ -358,7 +276,7 @@ def expsum(typingctx, chunk, k, ms, lo, hi):
     lane_type = types.float64 if dtype == types.float64 else types.float32
     if not all(arg == lane_type for arg in (k, ms, lo, hi)):
         return None
-    step = _STEP64 if dtype == types.float64 else _STEP
+    step, prefetch = _STEP_AND_PREFETCH[dtype]
     accumulate = _accumulate_f64 if dtype == types.float64 else _accumulate_f32
     vtype = _VD if dtype == types.float64 else _VF
 
@@ -382,9 +300,11 @@ def expsum(typingctx, chunk, k, ms, lo, hi):
         accs = [builder.phi(vtype), builder.phi(vtype)]
         ptr, _ = _block_pointer(builder, array.data, builder.mul(index, ir.Constant(_I64, step)), dtype, step)
         raw = builder.load(ptr, align=_ELEMENT[dtype][2])
-        if dtype in (types.float32, types.float64):
+        if prefetch:
             _prefetch(builder, ptr)
-        new = [accumulate(builder, acc, x, *consts) for acc, x in zip(accs, _decode_block(builder, raw, dtype))]
+        new = list(accs)
+        for i, x in enumerate(_decode_block(builder, raw, dtype)):
+            new[i % 2] = accumulate(builder, new[i % 2], x, *consts)
         next_index = builder.add(index, ir.Constant(_I64, 1))
         builder.cbranch(builder.icmp_signed("<", next_index, n_full), loop, after_loop)
         index.add_incoming(ir.Constant(_I64, 0), entry)
@@ -402,7 +322,9 @@ def expsum(typingctx, chunk, k, ms, lo, hi):
 
         builder.position_at_end(tail)
         raw = _load_tail(builder, array.data, builder.mul(n_full, ir.Constant(_I64, step)), remainder, dtype, step)
-        tails = [accumulate(builder, acc, x, *consts) for acc, x in zip(sums, _decode_block(builder, raw, dtype))]
+        tails = list(sums)
+        for i, x in enumerate(_decode_block(builder, raw, dtype)):
+            tails[i % 2] = accumulate(builder, tails[i % 2], x, *consts)
         builder.branch(done)
 
         builder.position_at_end(done)
