@@ -39,6 +39,10 @@ def _patch(variant):
 
     from ptx_numba import _avx2 as a
 
+    # the probe swaps these module attributes; fail loudly if _avx2 renames them
+    if not (callable(getattr(a, "_accumulate_f32", None)) and callable(getattr(a, "_accumulate_f64", None))):
+        raise RuntimeError("ptx_numba._avx2 no longer has _accumulate_f32/_accumulate_f64: update this probe")
+
     def f32_body(builder, acc, x, k8, ms, lo, hi):
         if variant not in ("no-clamps", "bare"):
             x = a._clamp(builder, x, lo, hi)
