@@ -84,6 +84,8 @@ def _child(variant):
     """Time the (patched) loop for each encoding it applies to; print one JSON line."""
     import numba
 
+    if variant not in _F32_VARIANTS and variant not in _F64_VARIANTS:
+        sys.exit(f"unknown variant {variant!r}; expected one of {sorted({*_F32_VARIANTS, *_F64_VARIANTS})}")
     _patch(variant)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from micro_chunk import _encodings, _ns_per_element, _repeat_expsum_avx2
