@@ -98,8 +98,11 @@ def test_reduction_and_ptx_relations(batch, beta, rl):
             assert m == pytest.approx(s / count, rel=1e-12, abs=1e-300)
         else:
             assert m == 0.0 and s == 0.0
-        # ce >= 0 on finite rows (up to rounding of a zero loss)
-        assert (rows >= -4 * eps * np.maximum(1.0, np.abs(lse64(z)))).all()
+        # ce >= 0 on finite rows, up to the error of a zero loss: rounding for float32 output; for
+        # float64 the AVX2 loop's terms (within 5e-14 of exp, tests/test_avx2.py), so a one-entry
+        # row can come out at -2e-15
+        floor = 1e-13 if rows.dtype == np.float64 else 4 * eps
+        assert (rows >= -floor * np.maximum(1.0, np.abs(lse64(z)))).all()
         r = pn.ptx_loss(rl, z, y, beta, ignore_index=ii, backend=backend)
         assert r.ce == pytest.approx(m, rel=1e-12, abs=1e-300)
         assert r.ptx == beta * r.ce
