@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from . import __version__, _bench, _dispatch, config
+from . import __version__, _bench, _bench_report, _dispatch, config
 from ._validate import check_finite_scalar, check_label_range, labels_to_int64
 from .api import KernelUnavailable, cross_entropy
 
@@ -273,7 +273,7 @@ def _cmd_bench(args) -> int:
         threads = args.threads or [_default_threads()]
         _bench.check_threads(threads)
         if args.plot:
-            _bench.require_matplotlib()
+            _bench_report.require_matplotlib()
         machine = _bench.machine_description()
         records: list[dict] = []
         for dtype in dtypes:
@@ -283,13 +283,13 @@ def _cmd_bench(args) -> int:
                         case = _bench.Case(dtype, rows, vocab, k)
                         results = _bench.run_case(case, contenders, args.repeat, seed=args.seed)
                         nbytes = _bench.logits_nbytes(case)
-                        print(_bench.format_table(case, results, nbytes, machine), end="\n\n", flush=True)
-                        records += _bench.csv_records(case, results, nbytes, machine)
+                        print(_bench_report.format_table(case, results, nbytes, machine), end="\n\n", flush=True)
+                        records += _bench_report.csv_records(case, results, nbytes, machine)
         if args.csv:
-            records = _bench.update_csv(args.csv, records)
+            records = _bench_report.update_csv(args.csv, records)
             print(f"wrote {args.csv}")
         if args.plot:
-            _bench.plot_gbps(records, args.plot, machine)
+            _bench_report.plot_gbps(records, args.plot, machine)
             print(f"wrote {args.plot}")
     except _bench.BenchError as exc:
         raise CLIError(str(exc)) from None

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import ptx_numba
-from ptx_numba import _bench, available_backends, cli, config, ptx_loss
+from ptx_numba import _bench, _bench_report, available_backends, cli, config, ptx_loss
 
 HOST_BACKENDS = [b for b in available_backends() if b != "cuda"]
 # float32 kernels meet the numerics contract (2e-5 relative to max(1, |exact|)); the reference is
@@ -236,7 +236,7 @@ def test_bench_tiny_shape_writes_csv_and_plot(capsys, tmp_path):
 
     with open(table_csv, newline="") as f:
         rows = list(csv.DictReader(f))
-    assert tuple(rows[0]) == _bench.CSV_COLUMNS
+    assert tuple(rows[0]) == _bench_report.CSV_COLUMNS
     assert sorted(r["backend"] for r in rows) == sorted(contenders)
     for row in rows:
         assert (row["dtype"], row["N"], row["V"]) == ("float32", "8", "1000")

@@ -1,0 +1,157 @@
+"""Results of ``ptx-numba bench`` as data: the printed table, the CSV and the plot drawn from it.
+
+A CSV row is keyed by ``(op, backend, dtype, N, V, threads, machine)``; re-measuring a key replaces
+its row, so the file is the latest result for every shape measured on every machine, and the plot
+(GB/s against V, the stream-read floor dashed) is always drawn from it, never from a run's memory.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+
+from ._bench import (
+    DTYPES,
+    OP_CROSS_ENTROPY,
+    OP_STREAM_READ,
+    STREAM_READ,
+    TORCH,
+    BenchError,
+    Case,
+    Result,
+    threading_layer,
+)
+
+#: Columns of the CSV written by ``--csv``, in order; the first seven identify a row.
+CSV_COLUMNS = (
+    "op", "backend", "dtype", "N", "V", "threads", "machine",
+    "seconds", "gbps", "pct_of_read", "speedup_vs_torch", "max_rel_err",
+)
+KEY_COLUMNS = CSV_COLUMNS[:7]
+
+
+def fmt(value: float | None) -> str:
+    """A CSV cell: 6 significant digits, empty for a missing value."""
+    return "" if value is None else f"{value:.6g}"
+
+
+def ratio(numerator: float | None, denominator: float | None) -> str:
+    """A speed-up cell such as ``12.30x``, empty when either time is missing."""
+    return "" if numerator is None or denominator is None else f"{numerator / denominator:.2f}x"
+
+
+def _seconds_of(results: list[Result], name: str) -> float | None:
+    return next((r.seconds for r in results if r.backend == name), None)
+
+
+def csv_records(case: Case, results: list[Result], logits_bytes: int, machine: str) -> list[dict]:
+    """The CSV rows (strings, ``CSV_COLUMNS`` keys) for one case."""
+    floor = _seconds_of(results, STREAM_READ)
+    torch_s = _seconds_of(results, TORCH)
+    records = []
+    for r in results:
+        if r.seconds is None:
+            continue
+        records.append({
+            "op": OP_STREAM_READ if r.backend == STREAM_READ else OP_CROSS_ENTROPY,
+            "backend": r.backend, "dtype": case.dtype, "N": str(case.rows), "V": str(case.vocab),
+            "threads": str(case.threads), "machine": machine,
+            "seconds": fmt(r.seconds), "gbps": fmt(logits_bytes / r.seconds / 1e9),
+            "pct_of_read": fmt(None if floor is None else 100.0 * floor / r.seconds),
+            "speedup_vs_torch": fmt(None if torch_s is None else torch_s / r.seconds),
+            "max_rel_err": fmt(r.max_rel_err),
+        })
+    return records
+
+
+def format_table(case: Case, results: list[Result], logits_bytes: int, machine: str) -> str:
+    """A plain-text table for one case."""
+    floor = _seconds_of(results, STREAM_READ)
+    ref = _seconds_of(results, "reference")
+    torch_s = _seconds_of(results, TORCH)
+    title = (f"{case.dtype} logits [N={case.rows}, V={case.vocab}], {logits_bytes / 1e6:.1f} MB, "
+             f"{case.threads} thread{'s' if case.threads > 1 else ''} (numba {threading_layer()}), {machine}")
+    header = (f"{'backend':<12}{'time ms':>10}{'GB/s':>9}{'% read':>9}{'vs ref':>9}{'vs torch':>10}"
+              f"{'max rel err':>13}")
+    lines = [title, header, "-" * len(header)]
+    for r in results:
+        if r.seconds is None:
+            lines.append(f"{r.backend:<12}  failed: {r.error}")
+            continue
+        pct = "" if floor is None else f"{100.0 * floor / r.seconds:.1f}%"
+        err = "" if r.max_rel_err is None else f"{r.max_rel_err:.2e}"
+        lines.append(
+            f"{r.backend:<12}{r.seconds * 1e3:>10.3f}{logits_bytes / r.seconds / 1e9:>9.2f}{pct:>9}"
+            f"{ratio(ref, r.seconds):>9}{ratio(torch_s, r.seconds):>10}{err:>13}"
+        )
+    return "\n".join(lines)
+
+
+def update_csv(path: str, records: list[dict]) -> list[dict]:
+    """Merge ``records`` into the CSV at ``path`` and return all of its rows.
+
+    Rows are keyed by ``KEY_COLUMNS``: a new measurement replaces an old one with the same key, so
+    re-running a shape updates it rather than piling up duplicates.
+    """
+    existing: list[dict] = []
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+                raise BenchError(f"{path} has columns {reader.fieldnames}, expected {list(CSV_COLUMNS)}")
+            existing = list(reader)
+    fresh = {tuple(r[k] for k in KEY_COLUMNS) for r in records}
+    merged = [r for r in existing if tuple(r[k] for k in KEY_COLUMNS) not in fresh] + records
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(merged)
+    os.replace(tmp, path)
+    return merged
+
+
+def require_matplotlib() -> None:
+    """Fail early, before any timing, when ``--plot`` cannot work."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise BenchError("--plot needs matplotlib: pip install 'ptx_numba[bench]'")
+
+
+def plot_gbps(records: list[dict], path: str, machine: str) -> None:
+    """GB/s against V, one panel per dtype, one line per contender; the stream-read floor dashed.
+
+    Draws from CSV rows (``CSV_COLUMNS`` keys, string values) measured on ``machine``.
+    """
+    require_matplotlib()
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    rows = [r for r in records if r["machine"] == machine and r["gbps"]]
+    if not rows:
+        raise BenchError(f"no measurements for {machine!r} to plot")
+    dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
+    # Only qualify a line by N / threads when the data actually holds several of them.
+    varies = {k: len({r[k] for r in rows}) > 1 for k in ("N", "threads")}
+    fig = Figure(figsize=(5.5 * len(dtypes), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(dtypes), squeeze=False)[0]
+    for ax, dtype in zip(axes, dtypes):
+        series: dict[tuple, list[tuple[int, float]]] = {}
+        for r in rows:
+            if r["dtype"] == dtype:
+                key = (r["backend"], r["N"], r["threads"])
+                series.setdefault(key, []).append((int(r["V"]), float(r["gbps"])))
+        for (backend, n, threads), points in sorted(series.items()):
+            points.sort()
+            label = backend + (f" N={n}" if varies["N"] else "")
+            label += f" {threads}t" if varies["threads"] else ""
+            style = dict(color="black", linestyle="--") if backend == STREAM_READ else {}
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, **style)
+        ax.set_xscale("log")
+        ax.set_xlabel("vocabulary size V")
+        ax.set_ylabel("GB/s of logits read")
+        ax.set_title(dtype)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"cross entropy throughput, {machine}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
