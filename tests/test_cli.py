@@ -261,6 +261,25 @@ def test_bench_plot_without_matplotlib_is_a_clear_error(capsys, monkeypatch):
     assert "needs matplotlib" in capsys.readouterr().err
 
 
+def test_bench_csv_with_other_columns_is_a_clear_error_and_left_alone(capsys, tmp_path):
+    foreign = tmp_path / "other.csv"
+    foreign.write_text("name,value\nx,1\n")
+    code = cli.main(["bench", "--vocab", "10", "--rows", "1", "--repeat", "1", "--backends", "reference",
+                     "--csv", str(foreign)])
+    assert code != 0
+    err = capsys.readouterr().err
+    assert "other.csv has columns ['name', 'value']" in err and "Traceback" not in err
+    assert foreign.read_text() == "name,value\nx,1\n"
+
+
+def test_bench_plot_of_no_rows_for_this_machine_is_a_clear_error(tmp_path):
+    pytest.importorskip("matplotlib")
+    record = dict.fromkeys(_bench_report.CSV_COLUMNS, "1")
+    record["machine"] = "some other machine"
+    with pytest.raises(_bench.BenchError, match="no measurements for 'this machine' to plot"):
+        _bench_report.plot_gbps([record], str(tmp_path / "x.png"), "this machine")
+
+
 def test_bench_times_contenders_in_interleaved_rounds():
     order = []
     calls = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
