@@ -59,10 +59,10 @@ class Checkpoint:
                            "resuming would mix results: use the same options or another checkpoint file")
         self.shards = data["shards"]
 
-    def finished(self, name: str, size: int, mtime_ns: int) -> dict | None:
-        """The stored partial of shard ``name`` if its files are unchanged, else None."""
+    def finished(self, name: str, size: list, mtime_ns: list) -> dict | None:
+        """The stored partial of shard ``name`` if its files (``[logits, labels]``) are unchanged."""
         rec = self.shards.get(name)
-        if rec is None or rec.get("size") != size or rec.get("mtime_ns") != mtime_ns:
+        if rec is None or rec.get("size") != list(size) or rec.get("mtime_ns") != list(mtime_ns):
             return None
         return {"sum": float.fromhex(rec["sum"]), "count": rec["count"], "rows": rec["rows"],
                 "blocks": rec["blocks"], "size": size, "mtime_ns": mtime_ns}
@@ -71,7 +71,8 @@ class Checkpoint:
         """Store a finished shard and write the file atomically."""
         self.shards[name] = {"sum": float(partial["sum"]).hex(), "count": int(partial["count"]),
                              "rows": int(partial["rows"]), "blocks": int(partial["blocks"]),
-                             "size": int(partial["size"]), "mtime_ns": int(partial["mtime_ns"])}
+                             "size": [int(v) for v in partial["size"]],
+                             "mtime_ns": [int(v) for v in partial["mtime_ns"]]}
         data = {"version": VERSION, "dataset": self.dataset, "settings": self.settings, "shards": self.shards}
         directory = os.path.dirname(os.path.abspath(self.path))
         fd, tmp = tempfile.mkstemp(prefix=".ptx-numba-ckpt-", suffix=".tmp", dir=directory)

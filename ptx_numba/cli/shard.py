@@ -101,7 +101,7 @@ def inspect(shard: Shard, settings: Settings) -> dict:
             raise CLIError(f"{shard.name}: labels shape {yf.shape} does not match logits shape {shape}: "
                            f"expected {shape[:-1]}" + (f" or ({rows},)" if len(shape) > 2 else ""))
         return {"rows": rows, "vocab": shape[-1], "dtype": str(dtype), "batch_shape": shape[:-1],
-                "size": lf.size + yf.size, "mtime_ns": max(lf.mtime_ns, yf.mtime_ns)}
+                "size": [lf.size, yf.size], "mtime_ns": [lf.mtime_ns, yf.mtime_ns]}
 
 
 def default_block_rows(vocab: int, itemsize: int) -> int:
@@ -133,7 +133,7 @@ def score_shard(shard: Shard, settings: Settings, on_rows=None) -> dict:
         batch_shape, vocab = lf.shape[:-1], lf.shape[-1]
         labels = flat_labels(yf.read_all(), batch_shape, vocab, settings.ignore_index, lf.row_order,
                              shard.name)
-        size, mtime_ns = lf.size + yf.size, max(lf.mtime_ns, yf.mtime_ns)
+        size, mtime_ns = [lf.size, yf.size], [lf.mtime_ns, yf.mtime_ns]
         rows = labels.shape[0]
         block_rows = settings.block_rows or default_block_rows(vocab, dtype.itemsize)
         read = lf.rows(dtype)
