@@ -14,10 +14,10 @@ import ptx_numba.dask as pnd  # noqa: E402
 from test_cli import expected_loss, run_json  # noqa: E402
 from test_cli_shards import make_shards  # noqa: E402
 
-COMBINE_RTOL = 1e-12
+COMBINE_RTOL = 1e-12  # the same kernels per block: only the float64 combine order differs
 # On the cluster the backend is named: under "auto" each worker would first import numba.cuda to
 # look for a GPU (seconds per worker process), which the test does not need to pay for.
-HOST = "cpu" if "cpu" in pn.available_backends() else "reference"  # the same kernels per block: only the float64 combine order differs
+HOST = "cpu" if "cpu" in pn.available_backends() else "reference"
 
 
 def ce_exact(logits, labels, ignore_index=-100):

@@ -17,6 +17,7 @@ from numpy.lib.format import open_memmap
 from ._errors import CLIError
 from .checkpoint import Checkpoint
 from .shard import Settings, Shard, inspect, resolve_backend, score_shard, score_shard_safely, shard_name
+from . import zarrstore
 from .shards import discover, is_dataset
 
 #: Seconds to wait for a Dask scheduler before giving up (``--scheduler-timeout``).
@@ -111,7 +112,7 @@ def score(source: str, labels: str | None = None, *, beta: float | None = None,
         if labels is not None:
             kind = "is a directory" if os.path.isdir(source) else "is a glob"
             raise CLIError(f"{source} {kind} (a dataset of shards); give no labels file beside it")
-        shards = discover(source)
+        shards = zarrstore.discover(source) if zarrstore.is_zarr_store(source) else discover(source)
     else:
         if labels is None:
             raise CLIError(f"{source} is a single logits file: give its labels file too")
