@@ -274,3 +274,27 @@ def decode_to_float64(x: np.ndarray) -> np.ndarray:
     if x.dtype == F16:
         return x.view(np.float16).astype(np.float64)
     return x.astype(np.float64, copy=False)
+
+
+def encode_from_float64(values: np.ndarray, encoding: np.dtype) -> np.ndarray:
+    """float64 values in an encoding (see the module docstring), rounded to nearest even.
+
+    bfloat16 goes by way of float32 (two roundings; they differ from one only on exact ties).
+    """
+    encoding = np.dtype(encoding)
+    if encoding == BF16:
+        return f32_to_bf16_bits(values.astype(np.float32))
+    if encoding == F16:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return values.astype(np.float16).view(np.int16)
+    return values.astype(encoding)
+
+
+def f32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), round to nearest even; NaN stays a quiet NaN."""
+    bits = values.view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> 16) | 0x0040).astype(np.uint16)
+    return rounded
