@@ -17,6 +17,7 @@ import warnings
 from types import ModuleType
 
 from . import config
+from .errors import BackendUnavailableError
 
 #: Every backend, best first.
 BACKENDS = ("cuda", "cpu", "reference")
@@ -28,10 +29,6 @@ _MODULES = {"cuda": "gpu"}
 _modules: dict[str, ModuleType] = {}
 _unavailable: dict[str, str] = {}
 _warned_fallback = False
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run in this environment."""
 
 
 def _load(name: str) -> ModuleType | None:

@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from . import _dispatch, config
+from .errors import KernelUnavailable
 from ._validate import (
     check_finite_scalar,
     check_ignore_index,
@@ -34,14 +35,6 @@ class PTXLoss(NamedTuple):
     total: float  #: ``rl_loss + ptx``
     ptx: float  #: ``beta * ce``
     ce: float  #: mean cross entropy over non-ignored rows (0.0 if there are none)
-
-
-class KernelUnavailable(_dispatch.BackendUnavailableError):
-    """Raised by a compiled backend whose kernel cannot be compiled or loaded here.
-
-    Under ``backend="auto"`` it triggers the fallback to the reference; with an explicit backend it
-    reaches the caller (it is a :class:`BackendUnavailableError`).
-    """
 
 
 def _run_host(backend: object, batch_nbytes: int, call: Callable[[Any], Any]) -> Any:

@@ -27,7 +27,7 @@ import math
 import numpy as np
 
 from . import config
-from .api import KernelUnavailable
+from .errors import KernelUnavailable
 
 NAME = "cpu"
 

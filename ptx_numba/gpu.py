@@ -162,7 +162,7 @@ def _raise_if_unavailable(exc: BaseException) -> None:
     """Turn a compile/driver failure into api.KernelUnavailable (auto falls back on it)."""
     from numba.core.errors import NumbaError
 
-    from .api import KernelUnavailable
+    from .errors import KernelUnavailable
 
     missing = ("CudaSupportError", "NvvmSupportError", "NvrtcSupportError", "DynamicLibNotFoundError")
     if isinstance(exc, NumbaError) or type(exc).__name__ in missing:

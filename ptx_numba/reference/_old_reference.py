@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validate import decode_to_float64
+from .._validate import decode_to_float64
 
 NAME = "reference"
 
