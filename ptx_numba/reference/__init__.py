@@ -25,5 +25,3 @@ class ReferenceBackend:
 
 BACKEND = ReferenceBackend()
 
-# Transitional module-level protocol of the old public layer (removed when it moves to BACKEND).
-from ._old_reference import NAME, cross_entropy_rows, cross_entropy_sum, is_available, logsumexp_rows  # noqa: E402,F401
