@@ -134,7 +134,8 @@ def test_score_bfloat16_file(capsys, rng, tmp_path):
     logits = rng.standard_normal((5, 9)).astype(ml_dtypes.bfloat16)
     labels = rng.integers(0, 9, size=5)
     result = run_json(capsys, "score", save(tmp_path, "x.npy", logits), save(tmp_path, "y.npy", labels),
-                      "--beta", "1", "--rl-loss", "0", "--block-rows", "2", "--backend", "reference")
+                      "--beta", "1", "--rl-loss", "0", "--block-rows", "2", "--backend", "reference",
+                      "--dtype", "bfloat16")
     want = expected_loss(logits.astype(np.float64), labels, 1.0, 0.0)
     assert close(result["ce"], want[2], "reference")
 
@@ -146,7 +147,7 @@ def test_score_progress_bar(capsys, batch):
                      "--progress", "--backend", "reference"])
     _, err = capsys.readouterr()
     assert code == 0
-    assert "scoring [" in err and "100.0%" in err and "10/10 rows" in err
+    assert "scoring" in err and "100%" in err and "10/10" in err
 
 
 def test_score_subprocess(batch):
@@ -179,7 +180,6 @@ def _error_cases(tmp_path, rng):
     truncated.write_bytes((tmp_path / "x.npy").read_bytes()[:140])
     objects = str(tmp_path / "obj.npy")
     np.save(objects, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
-    fortran3d = save(tmp_path, "f.npy", np.asfortranarray(np.zeros((2, 3, 4), np.float32)))
     score = lambda x, y, *extra: ["score", x, y, "--beta", "1", "--rl-loss", "0", *extra]  # noqa: E731
     return {
         "missing-logits": (score(str(tmp_path / "nope.npy"), good_y), "not found"),
@@ -188,15 +188,15 @@ def _error_cases(tmp_path, rng):
         "not-npy": (score(str(not_npy), good_y), "not a .npy file"),
         "truncated": (score(str(truncated), good_y), "cannot read"),
         "npz": (score(npz, good_y), ".npz"),
-        "object-labels": (score(good_x, objects), "cannot read"),
+        "object-labels": (score(good_x, objects), "never unpickled"),
         "1d-logits": (score(good_y, good_y), "at least 2 dimensions"),
-        "fortran-3d": (score(fortran3d, save(tmp_path, "y23.npy", np.zeros((2, 3), int))), "Fortran"),
         "labels-shape": (score(good_x, save(tmp_path, "y3.npy", np.array([0, 1, 2]))), "does not match"),
         "label-range": (score(good_x, save(tmp_path, "y9.npy", np.array([0, 1, 6, 3]))), "out of range"),
         "label-float": (score(good_x, save(tmp_path, "yf.npy", np.array([0, 1.5, 2, 3]))), "integers"),
         "unknown-backend": (score(good_x, good_y, "--backend", "gpu9000"), "unknown backend"),
         "nan-beta": (["score", good_x, good_y, "--beta", "nan", "--rl-loss", "0"], "finite"),
-        "missing-beta": (["score", good_x, good_y, "--rl-loss", "0"], "--beta"),
+        "rl-loss-without-beta": (["score", good_x, good_y, "--rl-loss", "0"], "--rl-loss needs --beta"),
+        "missing-labels-arg": (["score", good_x], "give its labels file"),
         "block-rows-zero": (score(good_x, good_y, "--block-rows", "0"), "positive"),
         "no-command": ([], "required: {score,bench}"),
         "unknown-command": (["frobnicate"], "invalid choice"),
