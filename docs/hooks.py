@@ -1,0 +1,51 @@
+"""MkDocs hooks: the Performance page's figures and tables, drawn from docs/results/*.csv.
+
+- ``on_files`` draws every figure (docs/gen_plots.py) into a temporary folder and adds it to the
+  site, so the figures are never older than the committed CSVs and none is committed itself.
+- ``on_page_markdown`` replaces ``<!-- results-table: FILE OP N -->`` by the Markdown table of
+  ``OP`` at batch size ``N`` from ``results/FILE``, and ``<!-- results-figures -->`` by every
+  figure with its caption (machine, date, command).
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+
+from mkdocs.structure.files import File
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gen_plots  # noqa: E402  (docs/gen_plots.py, beside this file)
+
+_FIGURES: list = []
+_TABLE = re.compile(r"<!--\s*results-table:\s*(\S+)\s+(\S+)\s+(\d+)\s*-->")
+_FIGS = re.compile(r"<!--\s*results-figures\s*-->")
+
+
+def on_files(files, config):
+    out = tempfile.mkdtemp(prefix="ptx-numba-docs-plots-")
+    _FIGURES[:] = gen_plots.figures(out, os.path.join(config["docs_dir"], "results"))
+    for fig in _FIGURES:
+        files.append(File(fig.uri, out, config["site_dir"], config["use_directory_urls"]))
+    return files
+
+
+def _figures_markdown(page_uri: str) -> str:
+    depth = page_uri.count("/")
+    blocks = []
+    for fig in _FIGURES:
+        src = "../" * depth + fig.uri
+        blocks.append(f"![{fig.op} on {fig.machine}]({src})\n\n"
+                      f"*{fig.op}, {fig.machine}: {fig.caption}. Data: [{fig.source}]"
+                      f"({'../' * depth}{fig.source}).*\n")
+    return "\n".join(blocks)
+
+
+def on_page_markdown(markdown, page, config, files):
+    def table(m):
+        rows = gen_plots.read_rows(os.path.join(config["docs_dir"], "results", m.group(1)))
+        return gen_plots.results_table(rows, m.group(2), m.group(3))
+
+    markdown = _TABLE.sub(table, markdown)
+    return _FIGS.sub(lambda m: _figures_markdown(page.file.src_uri), markdown)
