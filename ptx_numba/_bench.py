@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _dispatch, api, config, reference
+from . import _dispatch, _finish, api, config, reference
+from ._rowpass import StatsSpec
 from ._validate import as_host_logits
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -267,7 +268,9 @@ def _contender_call(name: str, logits: np.ndarray, encoded: np.ndarray, labels: 
     if name == TORCH:
         return torch_call(logits, labels)
     if name == "reference":  # the backend itself, so its rows are the float64 values unrounded
-        return lambda: reference.cross_entropy_rows(encoded, labels, config.DEFAULT_IGNORE_INDEX)
+        spec = StatsSpec(target=True)
+        return lambda: _finish.cross_entropy(reference.BACKEND.row_stats(encoded, labels, spec),
+                                             labels >= 0, encoded.shape[1])
     return lambda: api.cross_entropy(logits, labels, reduction="none", backend=name)
 
 
