@@ -38,8 +38,8 @@ from numba.extending import intrinsic
 
 # --- what this module takes from the AVX2 loop and its shift arithmetic (one place, renamed at
 # --- the cpu/simd merge: ._avx2 -> .avx2, ._shift -> .shift)
-from ptx_numba._avx2 import _A1, _A2, _A3, _C64, _TABLE, PREFETCH_BYTES
-from ptx_numba._shift import MAGIC, MAGIC64, constants, shift_limit  # noqa: F401  (re-exported)
+from .avx2 import _A1, _A2, _A3, _C64, _TABLE, PREFETCH_BYTES
+from .shift import MAGIC, MAGIC64, constants, shift_limit  # noqa: F401  (re-exported)
 
 _F32 = ir.FloatType()
 _F64 = ir.DoubleType()

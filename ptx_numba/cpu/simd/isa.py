@@ -1,98 +1,169 @@
-"""Which hand-written loop the CPU kernels run: the host's best of AVX-512, AVX2 and portable.
+"""Which exp-sum loop a row walk runs: one tiny Numba type per instruction set.
 
-The choice follows the CPU features Numba compiles for (:func:`target_cpu_features`), not the
-CPU the process happens to run on, so a cache built with ``NUMBA_CPU_NAME=generic`` or an explicit
-``NUMBA_CPU_FEATURES`` list never holds an instruction the target lacks:
+The walk of :mod:`ptx_numba.cpu.rowpass` is written once and takes an *ISA marker* as its first
+argument: :data:`PORTABLE` (Numba loops that LLVM vectorizes, every CPU) or :data:`AVX2` (the
+hand-written loops of :mod:`.avx2`). Each marker has its own Numba type, so the walk compiles once
+per marker, and the ``@overload``\\ ed functions below (:func:`setup`, :func:`expsum`,
+:func:`shift_limit`) pick the loop from that type at compile time.
 
-``"avx512"``
-    AVX-512 F, BW, DQ and VL (every AVX-512 CPU since Skylake-SP, AMD Zen 4): the 16-lane loops of
-    :mod:`.expsum`. BW is needed for the masked 16-bit tail loads, and AVX-512 F includes the
-    ``vcvtph2ps`` zmm form, so float16 needs nothing more.
-``"avx2"``
-    AVX2 and FMA: the 8-lane loops (float16 also needs F16C).
-``"portable"``
-    Anything else (or nothing known): the loop LLVM vectorizes by itself.
+Why a type and not a function argument: a jitted function passed as an argument is typed by the
+dispatcher object's identity, and Numba's disk cache then missed in every new process (measured).
+A marker type has a stable name, so kernels specialised on it load from the cache.
 
-``config.CPU_ISA`` (``None`` = automatic, or one of the names above) lowers the choice, e.g. to
-compare loops on one machine; asking for an ISA the target lacks is an error, since running its
-instructions would kill the process with SIGILL.
+Adding an instruction set is one marker class, its type, and one branch in each overload.
 """
 from __future__ import annotations
 
-# --- what this module takes from elsewhere in the package (renamed at the cpu/simd merge) ---
-from ptx_numba import config
-from ptx_numba._simd import is_x86_64, target_cpu_features
+import math
 
-#: The ISA names, best first.
-ISAS = ("avx512", "avx2", "portable")
+import numpy as np
+from numba import njit, types
+from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
 
-#: Features each hand-written loop needs, beyond x86-64.
-REQUIRED = {
-    "avx512": frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}),
-    "avx2": frozenset({"avx2", "fma"}),
-    "portable": frozenset(),
-}
+from . import avx2
+from .primitives import decode, fast_exp, zero_like
 
 
-def available(features: frozenset[str] | None = None, x86_64: bool | None = None) -> tuple[str, ...]:
-    """The ISAs whose loops can run for this feature set, best first (always ends in "portable").
+class IsaType(types.Dummy):
+    """Numba type of an ISA marker (a value that carries no data, only its type)."""
 
-    Parameters
-    ----------
-    features : frozenset of str, optional
-        x86 feature names without the ``+`` (default: :func:`target_cpu_features`).
-    x86_64 : bool, optional
-        Whether the target is x86-64 (default: this machine).
+
+class PortableType(IsaType):
+    def __init__(self):
+        super().__init__(name="ptx_numba.isa.portable")
+
+
+class Avx2Type(IsaType):
+    def __init__(self):
+        super().__init__(name="ptx_numba.isa.avx2")
+
+
+portable_type = PortableType()
+avx2_type = Avx2Type()
+
+
+class Isa:
+    """A marker object passed to the kernels; ``name`` is for messages only."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<ISA {self.name}>"
+
+
+class _Portable(Isa):
+    pass
+
+
+class _Avx2(Isa):
+    pass
+
+
+#: The portable loops (every CPU).
+PORTABLE = _Portable("portable")
+#: The hand-written AVX2 loops (x86-64 with AVX2 + FMA; see :mod:`.avx2`).
+AVX2 = _Avx2("avx2")
+
+typeof_impl.register(_Portable)(lambda value, context: portable_type)
+typeof_impl.register(_Avx2)(lambda value, context: avx2_type)
+register_model(PortableType)(models.OpaqueModel)
+register_model(Avx2Type)(models.OpaqueModel)
+
+
+@unbox(IsaType)
+def _unbox_isa(typ, obj, c):
+    return NativeValue(c.context.get_dummy_value())
+
+
+@intrinsic
+def portable(typingctx):
+    """The :data:`PORTABLE` marker inside Numba code (the fallback of the other loops)."""
+
+    def codegen(context, builder, signature, args):
+        return context.get_dummy_value()
+
+    return portable_type(), codegen
+
+
+# --------------------------------------------------------------------------------------------
+# the portable loop (LLVM vectorizes it: reassoc lets the float32 sum go into SIMD lanes)
+# --------------------------------------------------------------------------------------------
+_FLAGS = {"nsz", "arcp", "contract", "afn", "reassoc"}  # == config.CPU_FASTMATH (no nnan/ninf)
+
+
+@njit(fastmath=_FLAGS, cache=True, nogil=True)
+def portable_expsum(chunk, shift):
+    """``sum_j exp(decode(chunk[j]) - shift)`` in the compute type's SIMD lanes."""
+    total = zero_like(chunk[0])
+    for j in range(chunk.size):  # a 0-based loop over a slice: no wraparound index checks
+        total += fast_exp(decode(chunk[j]) - shift)
+    return total
+
+
+# --------------------------------------------------------------------------------------------
+# the dispatching functions
+# --------------------------------------------------------------------------------------------
+def setup(isa, shift):
+    """``(m, consts, corr)`` for a walk at ``shift`` (finite, compute type; Numba-only).
+
+    ``m`` (float64) is the shift really used, ``consts`` what :func:`expsum` needs, and
+    ``corr * expsum(isa, chunk, consts)`` is ``sum_j exp(z_j - m)``.
     """
-    if features is None:
-        features = target_cpu_features()
-    if x86_64 is None:
-        x86_64 = is_x86_64()
-    if not x86_64:
-        return ("portable",)
-    return tuple(name for name in ISAS if REQUIRED[name] <= features)
+    raise NotImplementedError("setup is a Numba-only function")
 
 
-def choose(override: str | None = None, features: frozenset[str] | None = None,
-           x86_64: bool | None = None) -> str:
-    """The ISA the CPU kernels use: ``override`` (or ``config.CPU_ISA``) if set, else the best.
+def expsum(isa, chunk, consts):
+    """The chunk's exp-sum against the shift :func:`setup` made ``consts`` for (Numba-only)."""
+    raise NotImplementedError("expsum is a Numba-only function")
 
-    Parameters
-    ----------
-    override : {None, "avx512", "avx2", "portable"}, optional
-        Explicit choice; ``None`` reads ``config.CPU_ISA`` (``None`` there too: the best available).
-    features, x86_64
-        As for :func:`available`.
 
-    Raises
-    ------
-    ValueError
-        ``override`` is no ISA name, or names an ISA the compile target lacks.
+def shift_limit(isa, shift):
+    """Largest ``|shift|`` the loop accepts for a shift of this type (Numba-only)."""
+    raise NotImplementedError("shift_limit is a Numba-only function")
+
+
+@overload(setup, jit_options={"cache": True})
+def _setup_overload(isa, shift):
+    if isinstance(isa, PortableType):
+        return lambda isa, shift: (np.float64(shift), (shift,), 1.0)
+    if isinstance(isa, Avx2Type):
+        def impl(isa, shift):
+            m, k, ms, lo, hi, corr = avx2.constants(shift)
+            return m, (k, ms, lo, hi), corr
+        return impl
+    return None
+
+
+@overload(expsum, jit_options={"cache": True})
+def _expsum_overload(isa, chunk, consts):
+    if isinstance(isa, PortableType):
+        return lambda isa, chunk, consts: portable_expsum(chunk, consts[0])
+    if isinstance(isa, Avx2Type):
+        return lambda isa, chunk, consts: avx2.expsum(chunk, consts[0], consts[1], consts[2], consts[3])
+    return None
+
+
+@overload(shift_limit, jit_options={"cache": True})
+def _shift_limit_overload(isa, shift):
+    if isinstance(isa, PortableType):
+        return lambda isa, shift: math.inf
+    if isinstance(isa, Avx2Type):
+        return lambda isa, shift: avx2.shift_limit(shift)
+    return None
+
+
+def for_dtype(dtype: np.dtype, allow_simd: object = None) -> Isa:
+    """The marker the plain walk uses for logits of this encoded dtype.
+
+    ``allow_simd`` is ``config.CPU_AVX2``: False forces :data:`PORTABLE` (tests cover both loops).
     """
-    if override is None:
-        override = getattr(config, "CPU_ISA", None)
-    usable = available(features, x86_64)
-    if override is None:
-        return usable[0]
-    if override not in ISAS:
-        raise ValueError(f"CPU_ISA must be None or one of {ISAS}, got {override!r}")
-    if override not in usable:
-        missing = sorted(REQUIRED[override] - (features if features is not None else target_cpu_features()))
-        raise ValueError(f"CPU_ISA={override!r} needs CPU features the compile target lacks "
-                         f"({', '.join(missing) or 'x86-64'}); available: {usable}")
-    return override
+    if allow_simd is not False and avx2.supports(np.dtype(dtype)):
+        return AVX2
+    return PORTABLE
 
 
-def supports(isa: str, dtype) -> bool:
-    """Whether the ``isa`` loop reads logits of this encoded numpy dtype (``"portable"``: all).
-
-    float16 (int16 bits) on the AVX2 loop also needs F16C; AVX-512 F has the conversion itself.
-    """
-    import numpy as np
-
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64, np.uint16, np.int16):
-        return False
-    if isa == "avx2" and dtype == np.int16:
-        return "f16c" in target_cpu_features()
-    return True
+__all__ = ["AVX2", "PORTABLE", "Isa", "IsaType", "expsum", "for_dtype", "portable", "setup",
+           "shift_limit"]

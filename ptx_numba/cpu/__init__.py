@@ -1,0 +1,148 @@
+"""The ``cpu`` backend: Numba kernels of the row-pass protocol (:mod:`ptx_numba._rowpass`).
+
+Layout:
+
+* :mod:`.rowpass` - the walk over row pieces (plain statistics on the fast loops) and the
+  :func:`row_stats` driver; :mod:`.moments` - the walk for every other :class:`StatsSpec`;
+  :mod:`.finish` - merging pieces, targets and canonical special rows;
+* :mod:`.backward` - the gradient pass :func:`row_grad`;
+* :mod:`.simd` - the loops: :mod:`.simd.primitives` (vectorizable exp, decoding),
+  :mod:`.simd.avx2` (hand-written AVX2 exp-sums), :mod:`.simd.shift` (their shift arithmetic),
+  :mod:`.simd.isa` (the ISA markers the walk is compiled for).
+
+Kernels compile on first use (``cache=True``, so later processes load them from Numba's disk
+cache). Only a failure to compile or load becomes :class:`~ptx_numba.errors.KernelUnavailable`;
+a bad argument raises its own ValueError/TypeError/OverflowError unchanged.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import config
+from .._rowpass import GradCoef, RowStats, StatsSpec
+from ..errors import KernelUnavailable
+
+NAME = "cpu"
+
+try:  # numba is a core dependency, but a broken install must degrade, not break the package
+    import numba  # noqa: F401
+
+    from . import backward as _backward
+    from . import rowpass as _rowpass
+    from .rowpass import pieces_per_row  # noqa: F401  (policy, used by tests)
+
+    _IMPORT_ERROR = ""
+except Exception as exc:  # pragma: no cover - exercised only on broken installs
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+#: Exceptions that describe the caller's input, never the kernel: they propagate unchanged.
+_ARGUMENT_ERRORS = (ValueError, TypeError, OverflowError, MemoryError, KeyboardInterrupt)
+
+
+def _kernel_call(fn, *args):
+    """Run a kernel driver; a failure to compile or load becomes KernelUnavailable."""
+    from numba.core.errors import NumbaError
+
+    try:
+        return fn(*args)
+    except NumbaError as exc:  # typing, lowering or cache-load failures of the first compile
+        raise KernelUnavailable(f"the CPU kernel could not be compiled: {type(exc).__name__}: {exc}") from exc
+    except _ARGUMENT_ERRORS:
+        raise
+    except KernelUnavailable:
+        raise
+    except Exception as exc:  # numba compilation / cache-load failures
+        raise KernelUnavailable(f"the CPU kernel could not run: {type(exc).__name__}: {exc}") from exc
+
+
+class CpuBackend:
+    """Numba implementation of the row-pass protocol (see :class:`ptx_numba._rowpass.Backend`)."""
+
+    name = "cpu"
+
+    def is_available(self) -> tuple[bool, str]:
+        """The CPU backend needs an importable Numba; compilation problems surface on first use."""
+        if _IMPORT_ERROR:
+            return False, f"numba could not be imported ({_IMPORT_ERROR})"
+        return True, ""
+
+    def row_stats(self, x, y: np.ndarray, spec: StatsSpec, w=None) -> RowStats:
+        """The row pass over one block (:func:`ptx_numba.cpu.rowpass.row_stats`)."""
+        return _kernel_call(_rowpass.row_stats, x, y, spec, w)
+
+    def row_grad(self, x, y: np.ndarray, spec: StatsSpec, stats: RowStats, coef: GradCoef, out,
+                 w=None) -> None:
+        """The gradient pass over one block (:func:`ptx_numba.cpu.backward.row_grad`)."""
+        return _kernel_call(_backward.row_grad, x, y, spec, stats, coef, out, w)
+
+
+BACKEND = CpuBackend()
+
+
+# --------------------------------------------------------------------------------------------
+# Transitional module-level protocol of the old public layer (thin wrappers over BACKEND).
+# --------------------------------------------------------------------------------------------
+def is_available() -> tuple[bool, str]:
+    """Whether the CPU backend can run here (see :meth:`CpuBackend.is_available`)."""
+    return BACKEND.is_available()
+
+
+def uses_avx2(dtype: np.dtype) -> bool:
+    """Whether the plain statistics of this encoded dtype run on the AVX2 loop."""
+    from .simd import isa
+
+    return isa.for_dtype(np.dtype(dtype), config.CPU_AVX2) is isa.AVX2
+
+
+_TARGET = StatsSpec(target=True)
+
+
+def row_stats(x: np.ndarray, labels: np.ndarray | None, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row ``(lse, ce)`` as float64 arrays ``[N]`` (``ce`` is 0 where ignored / unlabelled).
+
+    Parameters
+    ----------
+    x : ndarray, shape (N, V)
+        Encoded logits.
+    labels : ndarray of int64, shape (N,), or None
+    ignore_index : int
+    """
+    n = x.shape[0]
+    if labels is None:
+        y = np.full(n, -1, dtype=np.int64)
+    else:
+        labels = np.asarray(labels, dtype=np.int64)
+        y = np.where(labels == ignore_index, -1, labels).astype(np.int64)
+    stats = BACKEND.row_stats(x, y, _TARGET)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_s = np.log(stats.s)
+        lse = stats.m + log_s
+        ce = np.where(y >= 0, log_s - (stats.target - stats.m), 0.0)
+    special = ~np.isfinite(stats.m)  # NaN / +inf / all -inf rows: lse - z_y as the reference
+    if special.any():
+        with np.errstate(invalid="ignore"):
+            ce = np.where(special & (y >= 0), lse - stats.target, ce)
+    return lse, ce
+
+
+def logsumexp_rows(x: np.ndarray) -> np.ndarray:
+    """Per-row log-sum-exp, float64 ``[N]``."""
+    return row_stats(x, None, config.DEFAULT_IGNORE_INDEX)[0]
+
+
+def cross_entropy_rows(x: np.ndarray, labels: np.ndarray, ignore_index: int) -> np.ndarray:
+    """Per-row cross entropy, float64 ``[N]``, 0 for ignored rows."""
+    return row_stats(x, labels, ignore_index)[1]
+
+
+def cross_entropy_sum(x: np.ndarray, labels: np.ndarray, ignore_index: int) -> tuple[float, int]:
+    """Sum of per-row CE over non-ignored rows (float64) and the number of such rows."""
+    ce = row_stats(x, labels, ignore_index)[1]
+    return float(ce.sum()), int(np.count_nonzero(np.asarray(labels) != ignore_index))
+
+
+def stream_read(x: np.ndarray) -> int:
+    """The benchmark floor (moved to :func:`ptx_numba._bench_floor.stream_read`)."""
+    from .._bench_floor import stream_read as floor
+
+    return floor(x)
