@@ -69,6 +69,12 @@ def test_torch_views_empty_and_mixed(rng):
     assert rl.kl_estimate(a32, torch.zeros(3, dtype=torch.float64)).dtype == torch.float64
     assert rl.kl_estimate(torch.zeros(3, dtype=torch.int64), [0.0, 1.0, 2.0]).dtype == \
         torch.get_default_dtype()
+    ro = np.arange(3.0)
+    ro.setflags(write=False)  # torch warns on read-only arrays unless they are copied
+    assert rl.kl_estimate(a32, ro).tolist() == [0.0, -1.0, -2.0]
+    ro_mask = np.array([True, False, True])
+    ro_mask.setflags(write=False)
+    assert rl.log_ratio_penalty(a32, ro, ro_mask).item() == -2.0
     with pytest.raises(TypeError, match="bool"):
         rl.kl_estimate(torch.zeros(3, dtype=torch.bool), a32)
     with pytest.raises(TypeError, match="real numbers"):
