@@ -1,4 +1,4 @@
-"""ptx_numba.rlhf KL estimates, log-ratio penalty and shaped rewards against float64 NumPy and torch."""
+"""ptx_numba.rlhf KL estimates, log-ratio penalty and shaped rewards vs float64 NumPy and torch."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""ptx_numba.rlhf.reward_hacking_report: counts, frequencies, ratios and flags against hand counts."""
+"""ptx_numba.rlhf.reward_hacking_report: counts, frequencies, ratios and flags vs hand counts."""
 import collections
 import re
 

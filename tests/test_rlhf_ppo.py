@@ -121,6 +121,14 @@ def test_ppo_torch_matches_verl_and_gradcheck(rng):
     want = verl_policy_loss(torch, *t, tm.double(), 0.2, 0.28, 3.0)
     close(got.item(), want.item())
 
+    # OpenRLHF's PolicyLoss form of the same loss: -where(A < 0, max(min(s1, s2), cA), min(s1, s2))
+    ratio = torch.exp(t[0] - t[1])  # |log-ratio| < 20 here, so the clamp is inactive
+    s1 = ratio * t[2]
+    s2 = ratio.clamp(1 - 0.2, 1 + 0.28) * t[2]
+    clip1 = torch.min(s1, s2)
+    per_token = -torch.where(t[2] < 0, torch.max(clip1, 3.0 * t[2]), clip1)
+    close(got.item(), ((per_token * tm).sum() / tm.sum()).item())
+
     x = torch.tensor(lp, requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda a: rl.ppo_clip_loss(a, t[1], t[2], dual_clip=2.0, mask=tm), (x,))

@@ -1,4 +1,4 @@
-"""ptx_numba.rlhf preference losses (DPO+NLL, margin, Bradley–Terry) against SciPy float64 and torch."""
+"""ptx_numba.rlhf preference losses (DPO+NLL, margin, Bradley–Terry) vs SciPy float64 and torch."""
 import itertools
 
 import numpy as np

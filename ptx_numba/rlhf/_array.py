@@ -96,7 +96,8 @@ def prepare(named: dict, masks: dict | None = None) -> Prepared:
                 floats.append(v.dtype)
             out.append(v.to(torch.float64))
         else:
-            a = _to_numpy(name, v).astype(np.float64, copy=False)
+            # a copy: torch warns about (and must not alias) read-only or foreign buffers
+            a = np.array(_to_numpy(name, v), dtype=np.float64, copy=True)
             out.append(torch.as_tensor(a, device=device))
     for name, m in masks.items():
         if m is None:

@@ -16,7 +16,8 @@ def ppo_clip_loss(logprobs, old_logprobs, advantages, *, clip_eps=0.2, clip_eps_
 
     .. math::
 
-        \ell_t = \max\big(-\rho_t A_t,\; -\mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon_{high}) A_t\big)
+        \ell_t = \max\big(-\rho_t A_t,\;
+                          -\mathrm{clip}(\rho_t, 1-\epsilon, 1+\epsilon_{high}) A_t\big)
 
     (that is :math:`-\min(\rho A, \mathrm{clip}(\rho)A)`), and with dual clipping
     (c > 1, Ye et al. 2020) :math:`\ell_t \leftarrow \min(\ell_t, -cA_t)` where :math:`A_t < 0`.

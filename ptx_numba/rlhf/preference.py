@@ -20,7 +20,8 @@ def dpo_nll_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, r
     .. math::
 
         \ell = -\log\sigma\Big(\beta\big[(\log P_\theta(w) - \log P_{ref}(w))
-               - (\log P_\theta(l) - \log P_{ref}(l))\big]\Big) - \alpha\,\frac{\log P_\theta(w)}{|w|}
+               - (\log P_\theta(l) - \log P_{ref}(l))\big]\Big)
+               - \alpha\,\frac{\log P_\theta(w)}{|w|}
 
     The first term is TRL's ``DPOTrainer`` sigmoid loss; the second is its ``rpo_alpha`` term
     (the chosen response's mean token NLL), here from summed log-probs and ``|w|``.
