@@ -96,7 +96,7 @@ def test_row_stats_match_reference(backend, rng, op, dtype, kind):
     n, vocab = (3, 45) if backend.name == "cuda" else (7, 300)
     z = _rows(rng, n, vocab, kind)
     x = _encode(z, dtype)
-    w = _encode(_rows(rng, n, vocab, "plain"), "float32") if spec.pair else None
+    w = _encode(_rows(rng, n, vocab, "plain"), dtype) if spec.pair else None
     y = _labels(rng, n, vocab)
     if spec.target and kind == "masked":
         y = np.where(y >= 0, 0, -1)  # a finite target (a -inf one is tested in test_special_rows)
