@@ -178,7 +178,7 @@ def make_store(encoding: str, ndim: int):
 
         enc = cuda.jit(device=True)(enc_bf16)
     else:
-        out_t = {"f32": numba.float32, "f64": numba.float64, "f16": numba.float16}[encoding]
+        out_t = {"f32": numba.float32, "f64": numba.float64, "f16": numba.types.float16}[encoding]
 
         def enc_float(g):
             return out_t(g)
