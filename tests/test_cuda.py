@@ -30,10 +30,10 @@ _ok, _why = pc.is_available()
 if not _ok:
     pytest.skip(f"cuda backend unavailable: {_why}", allow_module_level=True)
 
-from ptx_numba import _cuda_kernels  # noqa: E402
+from ptx_numba.gpu import _legacy, kernels  # noqa: E402
 
 cuda = numba_cuda
-ON_SIM = _cuda_kernels.on_simulator()
+ON_SIM = kernels.on_simulator()
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(ON_SIM, reason="needs a real CUDA GPU (running on the simulator)")
 IGN = -100
@@ -382,7 +382,7 @@ def no_launch(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a kernel was launched for invalid input")
 
-    monkeypatch.setattr(pc, "_run_rows", refuse)
+    monkeypatch.setattr(_legacy, "_launch_rows", refuse)
 
 
 def host_error(z, y):
