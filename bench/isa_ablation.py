@@ -7,7 +7,8 @@ times, in interleaved rounds in one process (median of ``--repeat`` rounds, one 
 * ``cpu``: the shipping backend (``cpu.row_stats``: the AVX2 loop, its walk and finish);
 * one parallel walk per loop: every row through the chunked walk of ``cpu._piece_stats_avx2``
   (first entry as the shift, rescan of a chunk whose sum exceeds the trigger), with the loop
-  swapped: ``avx2`` (the shipping 8-lane loop), ``avx2-f16fix`` (8 lanes, float16 read 64 bytes
+  swapped: ``avx2`` (the shipping 8-lane loop), ``avx2-ymm`` (the generic emitter at 8 lanes, same
+  steps; float16 widened per 8 lanes, so no zmm instruction in the loop), ``avx2-f16fix`` (8 lanes, float16 read 64 bytes
   per iteration with a prefetch per line), ``avx2-16`` (16 lanes on AVX2 instructions) and
   ``avx512`` (16 lanes, zmm table; only where the target has AVX-512).
 
@@ -118,7 +119,8 @@ def _logits(dtype, rows, vocab, seed=0):
 def _contenders(available):
     from ptx_numba import _avx2
 
-    loops = {"avx2": _avx2.expsum, "avx2-f16fix": expsum.expsum_avx2_f16fix, "avx2-16": expsum.expsum_avx2_16}
+    loops = {"avx2": _avx2.expsum, "avx2-ymm": expsum.expsum_avx2, "avx2-f16fix": expsum.expsum_avx2_f16fix,
+             "avx2-16": expsum.expsum_avx2_16}
     if "avx512" in available:
         loops["avx512"] = expsum.expsum_avx512
     return {name: _make_walk(loop) for name, loop in loops.items()}
@@ -142,7 +144,8 @@ def micro(dtypes, trials=15):
     """ns per element of each loop alone on one L1-resident chunk, one thread (best of ``trials``)."""
     from ptx_numba import _avx2
 
-    loops = {"avx2": _avx2.expsum, "avx2-f16fix": expsum.expsum_avx2_f16fix, "avx2-16": expsum.expsum_avx2_16}
+    loops = {"avx2": _avx2.expsum, "avx2-ymm": expsum.expsum_avx2, "avx2-f16fix": expsum.expsum_avx2_f16fix,
+             "avx2-16": expsum.expsum_avx2_16}
     if "avx512" in isa.available():
         loops["avx512"] = expsum.expsum_avx512
     values = (np.random.default_rng(0).standard_normal(_CHUNK) * 3).astype(np.float32)
@@ -169,8 +172,8 @@ def micro(dtypes, trials=15):
 def run(dtypes, rows_list, vocab, repeat):
     available = isa.available()
     walks = _contenders(available)
-    print(f"threads {numba.get_num_threads()} ({numba.threading_layer() if False else 'omp/tbb as installed'}), "
-          f"ISAs available {available}, repeat {repeat}, median ms")
+    print(f"threads {numba.get_num_threads()}, ISAs available {available}, {repeat} interleaved rounds; "
+          f"load average {os.getloadavg()[0]:.1f}")
     for rows in rows_list:
         for dtype in dtypes:
             x = _logits(dtype, rows, vocab)

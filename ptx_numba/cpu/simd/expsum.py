@@ -387,3 +387,8 @@ expsum_avx512 = make_expsum(LOOPS["avx512_16"], "expsum_avx512")
 expsum_moment_avx2 = make_expsum(dataclasses.replace(LOOPS["avx2_8_f16fix"], moment=True), "expsum_moment_avx2")
 expsum_moment_avx2_16 = make_expsum(dataclasses.replace(LOOPS["avx2_16"], moment=True), "expsum_moment_avx2_16")
 expsum_moment_avx512 = make_expsum(dataclasses.replace(LOOPS["avx512_16"], moment=True), "expsum_moment_avx512")
+
+#: The loop (and its moment twin) per ISA of :func:`.isa.choose`; "portable" has none (the walk
+#: keeps its LLVM-vectorized loop). Every entry takes the constants of ``constants(shift)``.
+LOOP_FOR_ISA = {"avx512": expsum_avx512, "avx2": expsum_avx2_f16fix}
+MOMENT_FOR_ISA = {"avx512": expsum_moment_avx512, "avx2": expsum_moment_avx2}
