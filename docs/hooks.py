@@ -5,6 +5,8 @@
 - ``on_page_markdown`` replaces ``<!-- results-table: FILE OP N[,N...] [threads=T] -->`` by the Markdown
   table of ``OP`` at batch size ``N`` (and T threads) from ``results/FILE``, and ``<!-- results-figures -->`` by every
   figure with its caption (machine, date, command).
+- ``on_page_content`` turns the Sphinx roles of the docstrings (``:func:`cross_entropy```) into
+  cross-references of the API pages (plain code where the name has no page).
 """
 from __future__ import annotations
 
@@ -50,3 +52,18 @@ def on_page_markdown(markdown, page, config, files):
 
     markdown = _TABLE.sub(table, markdown)
     return _FIGS.sub(lambda m: _figures_markdown(page.file.src_uri), markdown)
+
+
+# ``:func:`name``` in a docstring reaches the page as ``:func:<code>name</code>``.
+_ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|attr|data|exc|obj):\s*<code>~?([A-Za-z_][\w.]*)</code>")
+
+
+def _autoref(m):
+    name = m.group(1)
+    identifier = name if name.startswith("ptx_numba") else f"ptx_numba.{name}"
+    short = name.rsplit(".", 1)[-1] if m.group(0).find("~") >= 0 else name
+    return f'<autoref optional identifier="{identifier}"><code>{short}</code></autoref>'
+
+
+def on_page_content(html, page, config, files):
+    return _ROLE.sub(_autoref, html)
