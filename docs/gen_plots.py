@@ -99,35 +99,50 @@ def figures(out_dir: str, results_dir: str = RESULTS) -> list[Figure]:
 
 
 def _ms(row: dict | None) -> str:
-    return "" if row is None or not row["seconds"] else f"{float(row['seconds']) * 1e3:.3g}"
+    if row is None or not row["seconds"]:
+        return ""
+    ms = float(row["seconds"]) * 1e3
+    return f"{ms:.{0 if ms >= 100 else 1 if ms >= 10 else 2 if ms >= 1 else 3}f}"
 
 
-def results_table(rows: list[dict], op: str, n: str, machine: str | None = None) -> str:
-    """A Markdown table of ``op`` at batch size ``n``: per dtype, V and thread count, each
-    backend's time in ms, the kernel's share of the read floor, its speed-up over torch and its
-    largest error against the float64 reference."""
-    rows = [r for r in rows if r["N"] == n and (machine is None or r["machine"] == machine)]
-    index: dict[tuple, dict] = {}
-    for r in rows:
-        index[(r["op"], r["backend"], r["dtype"], r["V"], r["threads"])] = r
-    keys = sorted({(r["dtype"], int(r["V"]), int(r["threads"])) for r in rows if r["op"] == op},
-                  key=lambda k: (_DTYPE_ORDER.get(k[0], 9), -k[2], k[1]))
-    kernel = "cpu" if any(r["backend"] == "cpu" for r in rows if r["op"] == op) else None
-    head = ("| dtype | V | threads | floor ms | cpu ms | % of floor | torch ms | cpu vs torch "
-            "| cpu max rel err |\n|---|--:|--:|--:|--:|--:|--:|--:|--:|")
-    lines = [head]
-    for dtype, v, t in keys:
-        key = (dtype, str(v), str(t))
-        floor = index.get((FLOOR_OP, "stream-read") + key)
-        cpu = index.get((op, kernel) + key) if kernel else None
-        torch = index.get((op, "torch") + key)
-        pct = f"{float(cpu['pct_of_read']):.0f}%" if cpu and cpu["pct_of_read"] else ""
-        vs = f"{float(cpu['speedup_vs_torch']):.1f}x" if cpu and cpu["speedup_vs_torch"] else ""
-        err = f"{float(cpu['max_rel_err']):.1e}" if cpu and cpu["max_rel_err"] else ""
-        lines.append(f"| {dtype} | {v} | {t} | {_ms(floor)} | {_ms(cpu)} | {pct} | {_ms(torch)} "
-                     f"| {vs} | {err} |")
-    if len(lines) == 1:
+def results_table(rows: list[dict], op: str, n: str, threads: str | None = None,
+                  machine: str | None = None) -> str:
+    """A Markdown table of ``op`` at the batch sizes ``n`` (``"512"`` or ``"1,4"``).
+
+    One line per dtype, N, V and thread count: the cpu backend's and torch's time in ms, the cpu
+    backend's speed as a share of the floor's (the stream read of the same bytes), its speed-up
+    over torch and its largest error against the float64 reference. ``threads`` keeps one thread
+    count. The N, V and threads columns appear only when they vary; columns with no value anywhere
+    are left out.
+    """
+    sizes = n.split(",")
+    rows = [r for r in rows if r["N"] in sizes and (machine is None or r["machine"] == machine)
+            and (threads is None or r["threads"] == threads)]
+    index = {(r["op"], r["backend"], r["dtype"], r["N"], r["V"], r["threads"]): r for r in rows}
+    keys = sorted({(r["dtype"], int(r["N"]), int(r["V"]), int(r["threads"]))
+                   for r in rows if r["op"] == op},
+                  key=lambda k: (_DTYPE_ORDER.get(k[0], 9), -k[3], k[1], k[2]))
+    if not keys:
         raise ValueError(f"no {op} rows with N={n} to tabulate")
+
+    def cell(r, column, fmt):
+        return fmt(float(r[column])) if r and r[column] else ""
+
+    table = []
+    for dtype, rows_n, v, t in keys:
+        key = (dtype, str(rows_n), str(v), str(t))
+        cpu, torch = index.get((op, "cpu") + key), index.get((op, "torch") + key)
+        table.append({
+            "dtype": dtype, "N": str(rows_n), "V": str(v), "threads": str(t),
+            "cpu ms": _ms(cpu), "% of floor": cell(cpu, "pct_of_read", lambda x: f"{x:.0f}%"),
+            "torch ms": _ms(torch), "vs torch": cell(cpu, "speedup_vs_torch", lambda x: f"{x:.1f}x"),
+            "max error": cell(cpu, "max_rel_err", lambda x: f"{x:.1e}"),
+        })
+    columns = [c for c in table[0] if any(line[c] for line in table)
+               and (c not in ("N", "V", "threads") or len({line[c] for line in table}) > 1)]
+    lines = ["| " + " | ".join(columns) + " |",
+             "|" + "|".join("---" if c == "dtype" else "--:" for c in columns) + "|"]
+    lines += ["| " + " | ".join(line[c] for c in columns) + " |" for line in table]
     return "\n".join(lines)
 
 

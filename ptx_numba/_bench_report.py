@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import textwrap
 
 from ._bench import (
     DTYPES,
@@ -191,6 +192,11 @@ def plot_gbps(records: list[dict], path: str, machine: str, *, op: str = OP_CROS
     fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
                ncols=min(len(handles), 4), fontsize="small", frameon=False)
     title = f"{op} throughput, {machine}"
-    fig.suptitle(title if caption is None else f"{title}\n{caption}", fontsize="medium")
+    if caption:  # commands are long: wrap them to the figure's width
+        width = int(12 * fig.get_figwidth())  # about 12 characters per inch at this size
+        caption = "\n".join(textwrap.fill(line, width, subsequent_indent="    ", break_on_hyphens=False)
+                             for line in caption.splitlines())
+        title = f"{title}\n{caption}"
+    fig.suptitle(title, fontsize="medium")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
