@@ -51,6 +51,8 @@ def encoding_of(dtype: np.dtype) -> tuple[np.dtype, str, bool]:
 def _convert(block: np.ndarray, encoding: np.dtype) -> np.ndarray:
     """Rows of the caller's array -> a new C-contiguous array in ``encoding``."""
     dtype = block.dtype
+    if dtype == encoding:  # already encoded (torch half tensors arrive as bits): copy, never convert
+        return np.ascontiguousarray(block)
     if dtype.name == "bfloat16":
         return np.ascontiguousarray(block.astype(dtype.newbyteorder("="))).view(BF16)
     if encoding == F16:
@@ -113,7 +115,9 @@ class RowSource:
         if self.in_place:
             view = rows.view(self.encoding) if rows.dtype != self.encoding else rows
             return view
-        return _convert(rows, self.encoding)
+        copy = _convert(rows, self.encoding)
+        copy.flags.writeable = False  # blocks are inputs: read-only whether viewed or converted
+        return copy
 
     def max_rows_per_copy(self) -> int:
         """Rows per converted sub-block (all rows of a range when read in place)."""
