@@ -31,8 +31,8 @@ def encoding_of(dtype: np.dtype) -> tuple[np.dtype, str, bool]:
     name = dtype.name
     if name == "bfloat16":  # ml_dtypes / jax arrays
         return BF16, "bfloat16", dtype.isnative
-    if dtype.kind == "V" and dtype.fields is None and name.startswith(("float8", "float6", "float4")):
-        return np.dtype(np.float32), "float32", False  # ml_dtypes' small floats: read via float32
+    if dtype.itemsize == 1 and dtype.fields is None and name.startswith(("float8", "float6", "float4")):
+        return np.dtype(np.float32), "float32", False  # ml_dtypes' small floats (kind "V" or "f"): via float32
     if dtype.kind == "f":
         if dtype.itemsize == 2:
             return F16, "float16", dtype.isnative
@@ -51,6 +51,8 @@ def encoding_of(dtype: np.dtype) -> tuple[np.dtype, str, bool]:
 def _convert(block: np.ndarray, encoding: np.dtype) -> np.ndarray:
     """Rows of the caller's array -> a new C-contiguous array in ``encoding``."""
     dtype = block.dtype
+    if dtype == encoding:  # already encoded (torch half tensors arrive as bits): copy, never convert
+        return np.ascontiguousarray(block)
     if dtype.name == "bfloat16":
         return np.ascontiguousarray(block.astype(dtype.newbyteorder("="))).view(BF16)
     if encoding == F16:
@@ -91,8 +93,9 @@ class RowSource:
         index, first = divmod(start, self._inner_rows)
         outer = np.unravel_index(index, self._outer) if self._outer else ()
         base = self.arr[outer] if outer else self.arr
-        view = as_strided(base, shape=(self._inner_rows, self.vocab),
-                          strides=(self._row_stride, self.arr.strides[-1]), writeable=writeable)
+        raw = base.view(np.dtype((np.void, base.itemsize)))  # as_strided rejects e.g. float8_e5m2's "<f1"
+        view = as_strided(raw, shape=(self._inner_rows, self.vocab),
+                          strides=(self._row_stride, self.arr.strides[-1]), writeable=writeable).view(base.dtype)
         return view[first:first + (stop - start)]
 
     def writable_block(self, start: int, stop: int) -> np.ndarray | None:
@@ -112,7 +115,9 @@ class RowSource:
         if self.in_place:
             view = rows.view(self.encoding) if rows.dtype != self.encoding else rows
             return view
-        return _convert(rows, self.encoding)
+        copy = _convert(rows, self.encoding)
+        copy.flags.writeable = False  # blocks are inputs: read-only whether viewed or converted
+        return copy
 
     def max_rows_per_copy(self) -> int:
         """Rows per converted sub-block (all rows of a range when read in place)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
 from typing import Any, Callable
 
@@ -155,9 +156,19 @@ def fall_back(failed: str, exc: BaseException) -> Backend:
             f"ptx_numba: the {failed!r} backend failed ({type(exc).__name__}: {exc}); "
             "falling back to the NumPy reference",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=_caller_level(),
         )
     return _load("reference")
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside this package, as seen from :func:`fall_back`
+    (the depth from a public function to here differs from op to op)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(2), 2  # level 1 is fall_back itself, 2 its caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _reset_for_tests() -> None:

@@ -173,7 +173,7 @@ def labels_to_int64(arr: np.ndarray) -> np.ndarray:
         with np.errstate(invalid="ignore"):
             bad = ~np.isfinite(arr) | (arr != np.floor(arr))
         if not bad.any():  # integral but outside int64 would wrap (2**63 -> -2**63)
-            big = np.abs(arr) >= 2.0**63
+            big = np.abs(arr) >= np.float64(2.0**63)  # a float16 2**63 would overflow (and warn)
             if big.any():
                 pos = np.unravel_index(int(np.argmax(big)), arr.shape)
                 raise ValueError(f"labels[{_fmt_pos(pos)}] = {arr[pos]!r} is too large for int64")
