@@ -50,7 +50,7 @@ def _simd_module(name):
 
 
 expsum = _simd_module("expsum")
-isa = _simd_module("isa")
+isa = _simd_module("features")
 _CHUNK = config.CPU_CHUNK
 _TRIGGER = config.CPU_RESCAN_TRIGGER
 _FLAGS = set(config.CPU_FASTMATH)
