@@ -32,7 +32,7 @@ def _simd_module(name):
 
 
 expsum = _simd_module("expsum")
-isa = _simd_module("isa")
+isa = _simd_module("features")
 
 _K8 = float(np.float32(8.0 / math.log(2.0)))
 _AVAILABLE = isa.available()
@@ -345,11 +345,11 @@ package = types.ModuleType("ptx_numba.cpu.simd")
 package.__path__ = [os.path.join(sys.argv[1], "ptx_numba", "cpu", "simd")]
 try:
     expsum = importlib.import_module("ptx_numba.cpu.simd.expsum")
-    isa = importlib.import_module("ptx_numba.cpu.simd.isa")
+    isa = importlib.import_module("ptx_numba.cpu.simd.features")
 except ImportError:
     sys.modules["ptx_numba.cpu.simd"] = package
     expsum = importlib.import_module("ptx_numba.cpu.simd.expsum")
-    isa = importlib.import_module("ptx_numba.cpu.simd.isa")
+    isa = importlib.import_module("ptx_numba.cpu.simd.features")
 assert isa.available() == ("avx2", "portable"), isa.available()
 @njit(cache=False)
 def chunk_sum(chunk, shift):
