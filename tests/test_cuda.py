@@ -22,7 +22,7 @@ numba_cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not install
 
 import ptx_numba as pn  # noqa: E402
 from ptx_numba import _dispatch, config, reference  # noqa: E402
-from ptx_numba._validate import prepare_host  # noqa: E402
+from ptx_numba._validate import prepare  # noqa: E402
 
 _dispatch._reset_for_tests()  # forget an earlier failed import of the backend
 pc = importlib.import_module("ptx_numba.gpu")
@@ -387,7 +387,7 @@ def no_launch(monkeypatch):
 
 def host_error(z, y):
     with pytest.raises(ValueError) as info:
-        prepare_host(z, y, IGN)
+        prepare(z, y, ignore_index=IGN)
     return str(info.value)
 
 
