@@ -230,9 +230,6 @@ def test_special_rows_raise_no_floating_point_warnings():
         BACKEND.row_stats(encoded(z), np.array([0, 1, 2, -1]), StatsSpec(target=True, entropy=True))
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeWarning,
-                   reason="reference/rowpass.py: d = rel.sum(axis=1) runs outside np.errstate, so a row "
-                          "with both +inf and -inf warns 'invalid value encountered in reduce'")
 def test_dsum_of_a_row_with_plus_and_minus_inf_raises_no_warning():
     z = np.array([[np.inf, -np.inf, 3.0]])
     with warnings.catch_warnings():

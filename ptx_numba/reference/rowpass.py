@@ -69,7 +69,8 @@ def _block_stats(x, y, spec: StatsSpec, w) -> RowStats:
         with np.errstate(invalid="ignore"):
             t = np.where(special, np.nan, np.where(live, e * rel, 0.0).sum(axis=1))
     if spec.dsum:
-        d = np.where(special, np.nan, rel.sum(axis=1))
+        with np.errstate(invalid="ignore"):  # +inf and -inf in one row: special anyway
+            d = np.where(special, np.nan, rel.sum(axis=1))
     if spec.pair:
         v = transform(w, spec)
         m_w, s_w, special_w = set_shift_and_sum(v)
