@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp as scipy_lse
 
-from ptx_numba import _validate, config, cpu
+from ptx_numba import _bench_floor, _validate, config, cpu
 
 pytestmark = pytest.mark.skipif(not cpu.is_available()[0], reason="numba unavailable")
 
@@ -131,8 +131,8 @@ def test_stream_read_sums_every_byte(rng, dtype):
     z = rng.integers(0, 100, size=(5, 70001)).astype(dtype)
     raw = np.concatenate([z.reshape(-1).view(np.uint8), np.zeros(-z.nbytes % 8, np.uint8)])
     words = raw.view("<u8").astype(object)
-    assert cpu.stream_read(z) == int(words.sum()) % 2**64
-    assert cpu.stream_read(z[:, :0]) == 0
+    assert _bench_floor.stream_read(z) == int(words.sum()) % 2**64
+    assert _bench_floor.stream_read(z[:, :0]) == 0
 
 
 def test_kernel_is_loaded_from_cache_in_a_new_process(tmp_path):
@@ -140,9 +140,9 @@ def test_kernel_is_loaded_from_cache_in_a_new_process(tmp_path):
     script = textwrap.dedent(
         """
         import numpy as np, ptx_numba as pn
-        from ptx_numba import cpu
+        from ptx_numba.cpu import rowpass, finish
         pn.cross_entropy(np.zeros((2, 3), np.float32), [0, 1], backend="cpu")
-        kernels = (cpu._pieces_kernel, cpu._pieces_kernel_avx2, cpu._finish_kernel)
+        kernels = (rowpass.plain_kernel, finish.finish_kernel)
         print(sum(len(d.stats.cache_hits) for d in kernels), sum(len(d.stats.cache_misses) for d in kernels))
         """
     )
@@ -153,3 +153,27 @@ def test_kernel_is_loaded_from_cache_in_a_new_process(tmp_path):
     hits2, misses2 = map(int, second.stdout.split())
     assert misses1 >= 1 and hits1 == 0  # the first process compiled
     assert hits2 >= 2 and misses2 == 0  # the second loaded both kernels from the cache
+
+
+def test_isa_marker_kernel_loads_from_cache_fast_in_a_new_process(tmp_path):
+    """The walk is specialised on an ISA marker *type*: a fresh process must load, not compile."""
+    script = textwrap.dedent(
+        """
+        import time, numpy as np
+        from ptx_numba import config
+        from ptx_numba.cpu import BACKEND, rowpass
+        from ptx_numba._rowpass import StatsSpec
+        config.CPU_AVX2 = %s
+        t0 = time.perf_counter()
+        BACKEND.row_stats(np.zeros((2, 3), np.float32), np.array([0, 1]), StatsSpec(target=True))
+        d = rowpass.plain_kernel
+        print(len(d.stats.cache_hits), len(d.stats.cache_misses), time.perf_counter() - t0)
+        """
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    for flag in ("None", "False"):
+        code = script % flag
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        hits, misses, _ = out.stdout.split()
+        assert int(hits) >= 1 and int(misses) == 0, (flag, out.stdout)

@@ -172,6 +172,8 @@ def flat_rows(x: np.ndarray, what: str = "x", writeable: bool = False) -> tuple[
                          "uint16 (bfloat16 bits) or int16 (float16 bits)")
     n, vocab = x.shape
     item = x.dtype.itemsize
+    if n == 0 or vocab == 0:
+        return np.zeros(0, x.dtype), 0, 0
     if vocab > 1 and x.strides[1] != item:
         raise ValueError(f"{what} must have unit stride along its last axis (stride {x.strides[1]} bytes "
                          f"for {item}-byte elements)")
