@@ -148,7 +148,7 @@ def test_linear_cross_entropy(rng, scheduler):
 def client():
     distributed = pytest.importorskip("distributed")
     cluster = distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
-                                       dashboard_address=None, env={"NUMBA_NUM_THREADS": "1"})
+                                       dashboard_address=":0", env={"NUMBA_NUM_THREADS": "1"})
     c = distributed.Client(cluster)
     yield c
     c.close()

@@ -73,7 +73,7 @@ def _client(scheduler: str | None, workers: int | None, timeout: float):
     # One Numba thread per worker slot: the workers share the cores.
     threads = max(1, (os.cpu_count() or 1) // workers)
     cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                           dashboard_address=None, env={"NUMBA_NUM_THREADS": str(threads)})
+                           dashboard_address=":0", env={"NUMBA_NUM_THREADS": str(threads)})
     return Client(cluster), cluster
 
 
@@ -101,7 +101,9 @@ def score(source: str, labels: str | None = None, *, beta: float | None = None,
     -------
     dict
         ``ce`` (mean CE over valid rows, 0 without any), ``tokens`` (= ``valid_rows``), ``rows``,
-        ``shards``, ``blocks``, ``backend`` (the one that ran), ``seconds``, ``gbps``, and
+        ``shards``, ``shards_scored`` (not taken from the checkpoint), ``blocks``, ``backend`` (the
+        one that ran), ``seconds`` and ``gbps`` (scoring only), ``startup_seconds`` (connecting to
+        Dask or starting its workers), and
         ``total``/``ptx`` with ``beta``.
     """
     beta, rl_loss = _check_scalars(beta, rl_loss)
@@ -147,11 +149,12 @@ def score(source: str, labels: str | None = None, *, beta: float | None = None,
         if ckpt is not None:
             ckpt.record(shards[k].name, partial)
 
-    start = time.perf_counter()
     if progress is None:
         progress = sys.stderr.isatty()
+    start, startup = time.perf_counter(), 0.0
     if scheduler or workers:
-        _run_on_dask(shards, pending, settings, finish, progress, scheduler, workers, scheduler_timeout)
+        startup = _run_on_dask(shards, pending, settings, finish, progress, scheduler, workers, scheduler_timeout)
+        start += startup
     else:
         with _progress(sum(infos[k]["rows"] for k in pending), progress, "rows") as bar:
             for k in pending:
@@ -169,7 +172,7 @@ def score(source: str, labels: str | None = None, *, beta: float | None = None,
                        for k in pending)
     result = {"ce": ce, "tokens": count, "valid_rows": count, "rows": total_rows, "shards": len(shards),
               "shards_scored": len(pending), "blocks": sum(p["blocks"] for p in partials.values()),
-              "backend": settings.backend, "seconds": seconds,
+              "backend": settings.backend, "seconds": seconds, "startup_seconds": startup,
               "gbps": scored_bytes / seconds / 1e9 if seconds > 0 and pending else None}
     if beta is not None:
         result.update(total=rl_loss + beta * ce, ptx=beta * ce)
@@ -180,9 +183,14 @@ def _itemsize_dtype(info: dict):
     return np.uint16 if info["dtype"] == "bfloat16" else np.dtype(info["dtype"])
 
 
-def _run_on_dask(shards, pending, settings, finish, progress, scheduler, workers, timeout) -> None:
+def _run_on_dask(shards, pending, settings, finish, progress, scheduler, workers, timeout) -> float:
+    """Score the pending shards as Dask tasks; returns the seconds spent connecting / starting workers."""
+    start = time.perf_counter()
     client, cluster = _client(scheduler, workers, timeout)
     try:
+        if workers:
+            client.wait_for_workers(workers, timeout=max(timeout, 60.0))
+        startup = time.perf_counter() - start
         from distributed import as_completed
 
         futures = {client.submit(score_shard_safely, shards[k], settings, key=f"ptx-numba-shard-{k}-"
@@ -202,6 +210,7 @@ def _run_on_dask(shards, pending, settings, finish, progress, scheduler, workers
                     raise CLIError(f"{shards[k].name}: {type(exc).__name__}: {exc}") from None
                 finish(k, partial)
                 bar.update(1)
+        return startup
     finally:
         client.close()
         if cluster is not None:
