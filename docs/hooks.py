@@ -6,7 +6,8 @@
   table of ``OP`` at batch size ``N`` (and T threads) from ``results/FILE``, and ``<!-- results-figures -->`` by every
   figure with its caption (machine, date, command).
 - ``on_page_content`` turns the Sphinx roles of the docstrings (``:func:`cross_entropy```) into
-  cross-references of the API pages (plain code where the name has no page).
+  cross-references of the API pages (plain code where the name has no page), and ``:math:``
+  roles into typeset math.
 """
 from __future__ import annotations
 
@@ -65,5 +66,10 @@ def _autoref(m):
     return f'<autoref optional identifier="{identifier}"><code>{short}</code></autoref>'
 
 
+# ``:math:`x``` reaches the page as ``:math:<code>x</code>``: typeset it like ``\(x\)`` in Markdown.
+_MATH = re.compile(r":math:\s*<code>(.*?)</code>", re.S)
+
+
 def on_page_content(html, page, config, files):
+    html = _MATH.sub(lambda m: f'<span class="arithmatex">\\({m.group(1)}\\)</span>', html)
     return _ROLE.sub(_autoref, html)
