@@ -1,5 +1,4 @@
 """ptx_numba.torch.linear_cross_entropy against torch autograd of F.cross_entropy(h @ W.T + b, y)."""
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -1,5 +1,4 @@
 """ptx_numba.torch: token log-probs, entropy, KL and kl_penalty against torch expressions."""
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
