@@ -67,15 +67,7 @@ class CpuBackend:
         return True, ""
 
     def row_stats(self, x, y: np.ndarray, spec: StatsSpec, w=None) -> RowStats:
-        """The row pass over one block (:func:`ptx_numba.cpu.rowpass.row_stats`).
-
-        Specs beyond the plain statistics (entropy, pair, temperature, softcap, dsum) run on the
-        float64 reference pass until the moments walk meets the numerics contract on every input.
-        """
-        if not spec.plain:
-            from ..reference import rowpass as _reference
-
-            return _reference.row_stats(x, y, spec, w)
+        """The row pass over one block (:func:`ptx_numba.cpu.rowpass.row_stats`)."""
         return _kernel_call(_rowpass.row_stats, x, y, spec, w)
 
     def row_grad(self, x, y: np.ndarray, spec: StatsSpec, stats: RowStats, coef: GradCoef, out,
