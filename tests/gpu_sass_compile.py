@@ -27,8 +27,8 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
 from numba import cuda, types  # noqa: E402
 
 CCS = ((8, 0), (9, 0))
-F64_OP = re.compile(r"^\s*(?:@%p\d+\s+)?(add|sub|mul|fma|div|max|min|neg|abs|sqrt|rcp|ex2|lg2|cvt\.f64)"
-                    r"[.\w]*\.f64\b", re.M)
+F64_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:(?:add|sub|mul|fma|div|max|min|neg|abs|sqrt|rcp|ex2|lg2)"
+                    r"[.\w]*\.f64|cvt(?:\.\w+)?\.f64\.\w+)\b", re.M)
 PTXAS_REG = re.compile(r"Used (\d+) registers")
 PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
