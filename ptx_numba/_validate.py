@@ -35,6 +35,9 @@ from typing import Any, Iterator, NamedTuple
 import numpy as np
 
 from . import config
+from ._device_input import (  # noqa: F401 (part of the front door)
+    _check_shape, _device_labels_to_host, _is_torch_tensor, device_logits,
+)
 from ._blocks import (  # noqa: F401  (the encodings are part of the front door's vocabulary)
     BF16, ENCODINGS, F16, RowSource, decode_to_float64, encode_from_float64, encoding_of,
     f32_to_bf16_bits, split,
@@ -46,11 +49,6 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # --------------------------------------------------------------------------------------------
 # helpers about foreign array types (never import torch: look it up only if the caller did)
 # --------------------------------------------------------------------------------------------
-def _is_torch_tensor(obj: Any) -> bool:
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(obj, torch.Tensor)
-
-
 def is_device_array(obj: Any) -> bool:
     """True for GPU-resident arrays (numba device arrays, CuPy, torch CUDA tensors)."""
     if isinstance(obj, np.ndarray):
@@ -113,16 +111,6 @@ def _as_numpy(obj: Any, what: str) -> tuple[np.ndarray, str | None]:
 # --------------------------------------------------------------------------------------------
 # logits
 # --------------------------------------------------------------------------------------------
-def _check_shape(shape: tuple, what: str) -> None:
-    if len(shape) < 2:
-        raise ValueError(
-            f"{what} must have shape [..., V] with at least 2 dimensions (rows x vocabulary); "
-            f"got shape {shape}"
-        )
-    if shape[-1] == 0:
-        raise ValueError(f"{what} has an empty vocabulary (V == 0), shape {shape}")
-
-
 def host_rows(logits: Any, what: str = "logits") -> tuple[RowSource, str]:
     """Validate host logits; return their :class:`~._blocks.RowSource` and source dtype name."""
     arr, tag = _as_numpy(logits, what)
@@ -234,73 +222,6 @@ def kernel_labels(flat: np.ndarray, ignore_index: int) -> np.ndarray:
     if not INT64_MIN <= ignore_index <= INT64_MAX:  # no int64 label can equal it
         return flat
     return np.where(flat == ignore_index, np.int64(-1), flat)
-
-
-# --------------------------------------------------------------------------------------------
-# device input (imported lazily: numba.cuda only when the caller passed a GPU array)
-# --------------------------------------------------------------------------------------------
-def _device_labels_to_host(labels: Any) -> Any:
-    t = labels if _is_torch_tensor(labels) else None
-    if t is not None:
-        return t.detach().cpu()  # synchronous with respect to torch's stream
-    if hasattr(labels, "copy_to_host"):
-        return labels.copy_to_host()
-    from numba import cuda
-
-    return cuda.as_cuda_array(labels).copy_to_host()
-
-
-def _dtype_error(dtype: Any) -> str:
-    return (
-        f"logits on the GPU must be real floats (float16, bfloat16, float32 or float64), got {dtype}; "
-        "integer logits are accepted on the host only"
-    )
-
-
-_DEVICE_SOURCE = {np.dtype(np.float32): "float32", np.dtype(np.float64): "float64",
-                  np.dtype(np.float16): "float16", BF16: "bfloat16"}
-
-
-def device_logits(obj: Any, what: str = "logits") -> tuple[Any, str]:
-    """A numba device array viewing GPU logits (zero copy) and its source dtype name.
-
-    torch's ``__cuda_array_interface__`` names no stream, so torch's current stream is synchronized
-    first; bfloat16 tensors are read through an int16 view (torch exports no bfloat16 interface).
-    2-D and 3-D arrays keep any strides; more dimensions must be C-contiguous (reshaped to 2-D).
-    """
-    from numba import cuda
-
-    if _is_torch_tensor(obj):
-        torch = sys.modules["torch"]
-        t = obj.detach()
-        torch.cuda.current_stream(t.device).synchronize()
-        if t.dtype == torch.bfloat16:
-            arr = cuda.as_cuda_array(t.view(torch.int16)).view(np.uint16)
-        elif t.is_complex() or not t.is_floating_point():
-            raise TypeError(_dtype_error(t.dtype))
-        else:
-            arr = cuda.as_cuda_array(t)
-    elif type(obj).__name__ == "FakeCUDAArray":  # numba's CUDA simulator
-        arr = obj
-    else:
-        try:
-            arr = cuda.as_cuda_array(obj)
-        except Exception as exc:
-            raise TypeError(f"{what} are not a usable GPU array ({type(exc).__name__}: {exc})") from None
-    source = _DEVICE_SOURCE.get(np.dtype(arr.dtype))
-    if source is None:
-        raise TypeError(_dtype_error(arr.dtype))
-    shape = tuple(arr.shape)
-    _check_shape(shape, what)
-    if len(shape) > 3:
-        if not arr.is_c_contiguous():
-            raise ValueError(
-                f"non-contiguous GPU {what} with {len(shape)} dimensions are not supported (shape "
-                f"{shape}); make them contiguous (tensor.contiguous(), cupy.ascontiguousarray) or "
-                "reshape to [N, V] / [B, T, V]"
-            )
-        arr = arr.reshape(math.prod(shape[:-1]), shape[-1])
-    return arr, source
 
 
 # --------------------------------------------------------------------------------------------
