@@ -80,69 +80,10 @@ BACKEND = CpuBackend()
 
 
 # --------------------------------------------------------------------------------------------
-# Transitional module-level protocol of the old public layer (thin wrappers over BACKEND).
+# which loop runs
 # --------------------------------------------------------------------------------------------
-def is_available() -> tuple[bool, str]:
-    """Whether the CPU backend can run here (see :meth:`CpuBackend.is_available`)."""
-    return BACKEND.is_available()
-
-
 def uses_avx2(dtype: np.dtype) -> bool:
     """Whether the plain statistics of this encoded dtype run on the AVX2 loop."""
     from .simd import isa
 
     return isa.for_dtype(np.dtype(dtype), config.CPU_AVX2) is isa.AVX2
-
-
-_TARGET = StatsSpec(target=True)
-
-
-def row_stats(x: np.ndarray, labels: np.ndarray | None, ignore_index: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row ``(lse, ce)`` as float64 arrays ``[N]`` (``ce`` is 0 where ignored / unlabelled).
-
-    Parameters
-    ----------
-    x : ndarray, shape (N, V)
-        Encoded logits.
-    labels : ndarray of int64, shape (N,), or None
-    ignore_index : int
-    """
-    n = x.shape[0]
-    if labels is None:
-        y = np.full(n, -1, dtype=np.int64)
-    else:
-        labels = np.asarray(labels, dtype=np.int64)
-        y = np.where(labels == ignore_index, -1, labels).astype(np.int64)
-    stats = BACKEND.row_stats(x, y, _TARGET)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_s = np.log(stats.s)
-        lse = stats.m + log_s
-        ce = np.where(y >= 0, log_s - (stats.target - stats.m), 0.0)
-    special = ~np.isfinite(stats.m)  # NaN / +inf / all -inf rows: lse - z_y as the reference
-    if special.any():
-        with np.errstate(invalid="ignore"):
-            ce = np.where(special & (y >= 0), lse - stats.target, ce)
-    return lse, ce
-
-
-def logsumexp_rows(x: np.ndarray) -> np.ndarray:
-    """Per-row log-sum-exp, float64 ``[N]``."""
-    return row_stats(x, None, config.DEFAULT_IGNORE_INDEX)[0]
-
-
-def cross_entropy_rows(x: np.ndarray, labels: np.ndarray, ignore_index: int) -> np.ndarray:
-    """Per-row cross entropy, float64 ``[N]``, 0 for ignored rows."""
-    return row_stats(x, labels, ignore_index)[1]
-
-
-def cross_entropy_sum(x: np.ndarray, labels: np.ndarray, ignore_index: int) -> tuple[float, int]:
-    """Sum of per-row CE over non-ignored rows (float64) and the number of such rows."""
-    ce = row_stats(x, labels, ignore_index)[1]
-    return float(ce.sum()), int(np.count_nonzero(np.asarray(labels) != ignore_index))
-
-
-def stream_read(x: np.ndarray) -> int:
-    """The benchmark floor (moved to :func:`ptx_numba._bench_floor.stream_read`)."""
-    from .._bench_floor import stream_read as floor
-
-    return floor(x)
