@@ -191,18 +191,25 @@ def run(dtypes, rows_list, vocab, repeat):
                 if not err < 1e-5:
                     raise SystemExit(f"{name} {dtype} disagrees with the backend: {err:.2e}")
             times = {name: [] for name in calls}
+            cpu_times = {name: [] for name in calls}
             for _ in range(repeat):
                 for name, call in calls.items():
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     call()
                     times[name].append(time.perf_counter() - t0)
+                    cpu_times[name].append(time.process_time() - c0)
             floor = statistics.median(times["read"])
+            # CPU seconds per thread: on a shared machine, the time this process actually ran
+            # (waiting for a core is excluded; OpenMP's spinning is not, so this is for 1 thread)
+            floor_cpu = statistics.median(cpu_times["read"]) / numba.get_num_threads()
             regime = "in L3 (300 MB)?" if nbytes < 300e6 else "past L3"
             print(f"\n{dtype} [{rows}, {vocab}] {nbytes / 1e9:.2f} GB ({regime})")
             for name, ts in times.items():
                 t = statistics.median(ts)
+                c = statistics.median(cpu_times[name]) / numba.get_num_threads()
                 print(f"  {name:12s} {t * 1e3:8.1f} ms  min {min(ts) * 1e3:8.1f}  {nbytes / t / 1e9:6.1f} GB/s"
-                      f"  {100 * floor / t:5.0f}% of read")
+                      f"  {100 * floor / t:5.0f}% of read   cpu time/thread {c * 1e3:8.1f} ms"
+                      f"  {100 * floor_cpu / c:5.0f}%")
             del x
             sys.stdout.flush()
 

@@ -19,7 +19,12 @@ on an AVX2 target, so the 16-lane loops are compiled and checked on any x86-64 m
 Only the table lookup has no width-generic spelling (IR has no variable shuffle): the "avx512"
 flavour calls ``llvm.x86.avx512.permvar.sf.512`` (one ``vpermps`` zmm), the "avx2" flavour of
 the 16-lane loop does two ``llvm.x86.avx2.permps`` on the halves. ``vcvtph2ps`` (float16) is plain
-``fpext half`` in the IR, one ``vcvtph2ps`` per vector whatever the width.
+``fpext half`` in the IR, one per vector of the loop's own width. That matters: the AVX2 loop's
+16-element ``fpext`` becomes ``vcvtph2psx zmm`` + ``vextractf64x4`` on an AVX-512 target, and on
+Intel cores one 512-bit instruction in a loop takes port 1's vector units away from all of its
+``ymm`` work, which is why float16 ran at half bfloat16's speed on a Sapphire-Rapids-class Xeon
+(``bench/isa_ablation.py``: 0.38-0.42 against 0.28-0.34 ns/element in L1, and past L3 from 30%
+to 46% of the read floor with the 64-byte step and prefetch of the other encodings).
 
 Loops per flavour (:data:`LOOPS`): ``(lanes, table)`` in ``(8, "avx2")``, ``(16, "avx2")``,
 ``(16, "avx512")``; each also has a *moment* twin returning ``(sum_j term_j, sum_j term_j * d_j)``
@@ -84,9 +89,7 @@ class Plan:
         return dict(self.step_bytes).get(str(np.dtype(str(dtype))), default)
 
 
-# --------------------------------------------------------------------------------------------
-# vector helpers, for any width
-# --------------------------------------------------------------------------------------------
+# --- vector helpers, for any width ---------------------------------------------------------
 def _vec(element, count):
     return ir.VectorType(element, count)
 
@@ -239,9 +242,7 @@ def _horizontal_sum(builder, vec):
     return builder.extract_element(vec, ir.Constant(_I32, 0))
 
 
-# --------------------------------------------------------------------------------------------
-# the loop
-# --------------------------------------------------------------------------------------------
+# --- the loop ------------------------------------------------------------------------------
 def _accumulate(builder, plan, term_fn, accs, xs, consts, neg_s):
     """Add every vector of ``xs`` into the accumulators in turn (two, or two pairs with moments)."""
     accs = list(accs)
@@ -384,11 +385,14 @@ expsum_avx2_16 = make_expsum(LOOPS["avx2_16"], "expsum_avx2_16")
 expsum_avx512 = make_expsum(LOOPS["avx512_16"], "expsum_avx512")
 
 #: Moment twins: ``(s, t)`` with ``t = sum term * (x*K - S)``.
-expsum_moment_avx2 = make_expsum(dataclasses.replace(LOOPS["avx2_8_f16fix"], moment=True), "expsum_moment_avx2")
+expsum_moment_avx2 = make_expsum(dataclasses.replace(LOOPS["avx2_8"], moment=True), "expsum_moment_avx2")
 expsum_moment_avx2_16 = make_expsum(dataclasses.replace(LOOPS["avx2_16"], moment=True), "expsum_moment_avx2_16")
 expsum_moment_avx512 = make_expsum(dataclasses.replace(LOOPS["avx512_16"], moment=True), "expsum_moment_avx512")
 
 #: The loop (and its moment twin) per ISA of :func:`.isa.choose`; "portable" has none (the walk
 #: keeps its LLVM-vectorized loop). Every entry takes the constants of ``constants(shift)``.
-LOOP_FOR_ISA = {"avx512": expsum_avx512, "avx2": expsum_avx2_f16fix}
+#: "avx2" keeps the AVX2 loop's steps, tuned on Zen 3 (float16: 16 elements, no prefetch, which
+#: measured faster there); ``expsum_avx2_f16fix`` was faster past L3 on the Xeon, where the
+#: "avx512" loop runs instead.
+LOOP_FOR_ISA = {"avx512": expsum_avx512, "avx2": expsum_avx2}
 MOMENT_FOR_ISA = {"avx512": expsum_moment_avx512, "avx2": expsum_moment_avx2}
