@@ -2,7 +2,7 @@
 
 A cost probe, not a kernel: every variant but ``shipping`` computes a WRONG sum, and none of them
 is reachable from the package. Each variant runs in its own process, which swaps the loop body
-that ``ptx_numba._avx2.expsum`` emits (``_accumulate_f32`` / ``_accumulate_f64``) before Numba
+that ``ptx_numba.cpu.simd.avx2.expsum`` emits (``_accumulate_f32`` / ``_accumulate_f64``) before Numba
 compiles it, then times the loop like ``micro_chunk.py`` does: one thread, one L1-resident chunk
 of 2048 elements, best of 9. Every variant runs twice, interleaved with the others, and the table
 keeps the faster run (this machine is noisy).
@@ -37,11 +37,11 @@ def _patch(variant):
     """Swap the loop bodies of ``_avx2.expsum`` for ``variant`` (in this process only)."""
     from llvmlite import ir
 
-    from ptx_numba import _avx2 as a
+    from ptx_numba.cpu.simd import avx2 as a
 
     # the probe swaps these module attributes; fail loudly if _avx2 renames them
     if not (callable(getattr(a, "_accumulate_f32", None)) and callable(getattr(a, "_accumulate_f64", None))):
-        raise RuntimeError("ptx_numba._avx2 no longer has _accumulate_f32/_accumulate_f64: update this probe")
+        raise RuntimeError("ptx_numba.cpu.simd.avx2 no longer has _accumulate_f32/_accumulate_f64: update this probe")
 
     def f32_body(builder, acc, x, k8, ms, lo, hi):
         if variant not in ("no-clamps", "bare"):
@@ -107,7 +107,7 @@ def _child(variant):
 
 
 def main():
-    from ptx_numba import _avx2
+    from ptx_numba.cpu.simd import avx2 as _avx2
 
     if not _avx2.AVAILABLE:
         sys.exit("the AVX2 loop does not run on this CPU")

@@ -10,7 +10,10 @@ import time
 import numpy as np
 from numba import njit
 
-from ptx_numba import _avx2, config, cpu
+from ptx_numba import config
+from ptx_numba.cpu.rowpass import chunk_max
+from ptx_numba.cpu.simd import avx2 as _avx2
+from ptx_numba.cpu.simd.isa import portable_expsum
 
 _FLAGS = set(config.CPU_FASTMATH)
 
@@ -19,7 +22,7 @@ _FLAGS = set(config.CPU_FASTMATH)
 def _repeat_expsum(chunk, shift, reps):
     total = 0.0
     for _ in range(reps):
-        total += cpu._chunk_expsum(chunk, shift)
+        total += portable_expsum(chunk, shift)
     return total
 
 
@@ -36,7 +39,7 @@ def _repeat_expsum_avx2(chunk, shift, reps):
 def _repeat_max(chunk, reps):
     total = 0.0
     for _ in range(reps):
-        total += cpu._chunk_max(chunk)
+        total += chunk_max(chunk)
     return total
 
 

@@ -36,9 +36,9 @@ def _cases():
 
 def _timed_call(backend, logits, labels, encoded):
     if backend == _bench.STREAM_READ:
-        from ptx_numba import cpu
+        from ptx_numba._bench_floor import stream_read
 
-        return lambda: cpu.stream_read(encoded)
+        return lambda: stream_read(encoded)
     if backend == _bench.TORCH:
         return _bench.torch_call(logits, labels)
     return lambda: cross_entropy(logits, labels, reduction="none", backend=backend)

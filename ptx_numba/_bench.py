@@ -7,7 +7,7 @@ array; after one warm-up call each, the contenders are timed in interleaved roun
 each per round, so a noisy neighbour slows all of them alike) and a contender's time is the median
 of its calls; GB/s is the bytes of
 logits read (the encoded array: 2 bytes per bfloat16/float16 element) divided by that time; the
-floor is the CPU backend's parallel streaming read (``cpu.stream_read``) of the same array.
+floor is the CPU backend's parallel streaming read (``_bench_floor.stream_read``) of the same array.
 
 Contenders are the available ptx_numba backends (called through the public
 :func:`ptx_numba.cross_entropy` with ``reduction="none"``, validation included), the ``stream-read``
@@ -28,7 +28,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _dispatch, api, config, reference
+from . import _dispatch, _finish, api, config, reference
+from ._rowpass import StatsSpec
 from ._validate import as_host_logits
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -261,13 +262,15 @@ def torch_call(logits: np.ndarray, labels: np.ndarray) -> Callable[[], Any]:
 def _contender_call(name: str, logits: np.ndarray, encoded: np.ndarray, labels: np.ndarray) -> Callable:
     """The zero-argument call that is timed for one contender."""
     if name == STREAM_READ:
-        from . import cpu
+        from ._bench_floor import stream_read
 
-        return lambda: cpu.stream_read(encoded)
+        return lambda: stream_read(encoded)
     if name == TORCH:
         return torch_call(logits, labels)
     if name == "reference":  # the backend itself, so its rows are the float64 values unrounded
-        return lambda: reference.cross_entropy_rows(encoded, labels, config.DEFAULT_IGNORE_INDEX)
+        spec = StatsSpec(target=True)
+        return lambda: _finish.cross_entropy(reference.BACKEND.row_stats(encoded, labels, spec),
+                                             labels >= 0, encoded.shape[1])
     return lambda: api.cross_entropy(logits, labels, reduction="none", backend=name)
 
 

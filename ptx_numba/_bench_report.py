@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import textwrap
 
 from ._bench import (
     DTYPES,
@@ -118,40 +119,84 @@ def require_matplotlib() -> None:
         raise BenchError("--plot needs matplotlib: pip install 'ptx_numba[bench]'")
 
 
-def plot_gbps(records: list[dict], path: str, machine: str) -> None:
-    """GB/s against V, one panel per dtype, one line per contender; the stream-read floor dashed.
+#: Line colours per backend (the floor is black); unknown backends get matplotlib's cycle.
+_COLORS = {"cpu": "tab:blue", "cuda": "tab:green", "reference": "tab:gray", TORCH: "tab:orange",
+           STREAM_READ: "black"}
 
-    Draws from CSV rows (``CSV_COLUMNS`` keys, string values) measured on ``machine``.
+
+def _plotted_rows(records: list[dict], machine: str, op: str) -> tuple[list[dict], str]:
+    """The rows of ``op`` (and their stream-read floor) to plot, and the batch size N they share.
+
+    A figure of GB/s against V needs several V per line: it takes the N measured at the most
+    vocabulary sizes (ties: the largest N); other N appear in the tables, not the figure.
+    """
+    rows = [r for r in records if r["machine"] == machine and r["gbps"]
+            and r["op"] in (op, OP_STREAM_READ)]
+    if not any(r["op"] == op for r in rows):
+        raise BenchError(f"no measurements for {machine!r} to plot (op {op!r})")
+    vocabs: dict[str, set] = {}
+    for r in rows:
+        if r["op"] == op:
+            vocabs.setdefault(r["N"], set()).add(r["V"])
+    n = max(vocabs, key=lambda k: (len(vocabs[k]), int(k)))
+    return [r for r in rows if r["N"] == n], n
+
+
+def plot_gbps(records: list[dict], path: str, machine: str, *, op: str = OP_CROSS_ENTROPY,
+              caption: str | None = None) -> None:
+    """GB/s against V for one op: a panel per dtype, a line per backend and thread count.
+
+    Draws from CSV rows (``CSV_COLUMNS`` keys, string values) measured on ``machine``: the op's
+    backends beside the stream-read floor (black), more threads solid and fewer dotted, on a log
+    GB/s axis so that torch and the reference stay readable next to the kernels. One legend for
+    the whole figure, below the panels, so that it never covers a line. ``caption`` (for
+    example the date and command of the run) is printed under the title.
     """
     require_matplotlib()
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    from matplotlib.ticker import FuncFormatter
 
-    rows = [r for r in records if r["machine"] == machine and r["gbps"]]
-    if not rows:
-        raise BenchError(f"no measurements for {machine!r} to plot")
+    rows, n = _plotted_rows(records, machine, op)
     dtypes = [d for d in DTYPES if any(r["dtype"] == d for r in rows)]
-    # Only qualify a line by N / threads when the data actually holds several of them.
-    varies = {k: len({r[k] for r in rows}) > 1 for k in ("N", "threads")}
-    fig = Figure(figsize=(5.5 * len(dtypes), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(dtypes), squeeze=False)[0]
+    dtypes += sorted({r["dtype"] for r in rows} - set(dtypes))
+    threads = sorted({int(r["threads"]) for r in rows})
+    ncols = 2 if len(dtypes) > 2 else len(dtypes)
+    nrows = -(-len(dtypes) // ncols)
+    fig = Figure(figsize=(5.2 * ncols, 3.4 * nrows + 1.3), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    handles: dict[str, object] = {}
     for ax, dtype in zip(axes, dtypes):
         series: dict[tuple, list[tuple[int, float]]] = {}
         for r in rows:
             if r["dtype"] == dtype:
-                key = (r["backend"], r["N"], r["threads"])
-                series.setdefault(key, []).append((int(r["V"]), float(r["gbps"])))
-        for (backend, n, threads), points in sorted(series.items()):
+                series.setdefault((r["backend"], int(r["threads"])), []).append(
+                    (int(r["V"]), float(r["gbps"])))
+        for (backend, t), points in sorted(series.items(), key=lambda kv: (kv[0][0] != STREAM_READ, kv[0])):
             points.sort()
-            label = backend + (f" N={n}" if varies["N"] else "")
-            label += f" {threads}t" if varies["threads"] else ""
-            style = dict(color="black", linestyle="--") if backend == STREAM_READ else {}
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label, **style)
-        ax.set_xscale("log")
+            label = backend + (f", {t} thread{'s' if t > 1 else ''}" if len(threads) > 1 else "")
+            most = t == threads[-1]
+            (line,) = ax.plot([p[0] for p in points], [p[1] for p in points], label=label,
+                              color=_COLORS.get(backend), marker="o" if most else "s", markersize=4,
+                              linestyle=("--" if backend == STREAM_READ else "-") if most else ":")
+            handles.setdefault(label, line)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        vocab = sorted({v for points in series.values() for v, _ in points})
+        ax.set_xticks(vocab, [f"{v / 1000:.0f}k" if v >= 10_000 else str(v) for v in vocab])
         ax.set_xlabel("vocabulary size V")
         ax.set_ylabel("GB/s of logits read")
-        ax.set_title(dtype)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(f"cross entropy throughput, {machine}")
+        ax.set_title(f"{dtype} [N={n}, V]")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes[len(dtypes):]:
+        ax.set_visible(False)
+    fig.legend(list(handles.values()), list(handles.keys()), loc="outside lower center",
+               ncols=min(len(handles), 4), fontsize="small", frameon=False)
+    title = f"{op} throughput, {machine}"
+    if caption:  # commands are long: wrap them to the figure's width
+        width = int(12 * fig.get_figwidth())  # about 12 characters per inch at this size
+        caption = "\n".join(textwrap.fill(line, width, subsequent_indent="    ", break_on_hyphens=False)
+                             for line in caption.splitlines())
+        title = f"{title}\n{caption}"
+    fig.suptitle(title, fontsize="medium")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)

@@ -1,53 +1,57 @@
 """Backend registry: which backends exist, which can run here, and which one a call gets.
 
-Rules (see ``docs/api.md``):
+Every backend is a package ``ptx_numba.<module>`` exporting ``BACKEND``, an object with the
+row-pass protocol of :mod:`ptx_numba._rowpass` (:class:`~ptx_numba._rowpass.Backend`).
+
+Rules:
 
 * ``backend="auto"`` (or the ``PTX_NUMBA_BACKEND`` environment variable, which overrides auto) picks
   the best available backend: ``cuda`` for GPU-resident input, and for host input when a real GPU
   is present and the batch is large enough to pay for the copy; else ``cpu``; else ``reference``.
-  If the CPU kernel cannot compile or load, auto falls back to ``reference`` with one warning.
+  If a compiled kernel cannot compile or load (:class:`~ptx_numba.errors.KernelUnavailable`), auto
+  marks that backend broken, warns once and runs the reference. Nothing else marks a backend
+  broken: an error caused by the arguments reaches the caller and leaves the backend usable.
 * An explicit backend name fails loudly: unknown names raise ``ValueError`` listing the valid ones;
-  an unavailable backend raises ``RuntimeError`` saying why.
+  an unavailable backend raises :class:`~ptx_numba.errors.BackendUnavailableError` saying why.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 import warnings
-from types import ModuleType
+from typing import Any, Callable
 
 from . import config
+from ._rowpass import Backend
+from .errors import BackendUnavailableError, KernelUnavailable
 
 #: Every backend, best first.
 BACKENDS = ("cuda", "cpu", "reference")
 
-#: Backend name -> module. The CUDA backend lives in ``gpu.py``: numba-cuda's import redirector
+#: Backend name -> package. The CUDA backend lives in ``gpu/``: numba-cuda's import redirector
 #: claims every module name containing "numba.cuda", which "ptx_numba.cuda" would.
-_MODULES = {"cuda": "gpu"}
+_MODULES = {"cuda": "gpu", "cpu": "cpu", "reference": "reference"}
 
-_modules: dict[str, ModuleType] = {}
+_backends: dict[str, Backend] = {}
 _unavailable: dict[str, str] = {}
 _warned_fallback = False
 
 
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run in this environment."""
-
-
-def _load(name: str) -> ModuleType | None:
-    """Import a backend module and ask it whether it can run; cache the answer."""
-    if name in _modules:
-        return _modules[name]
+def _load(name: str) -> Backend | None:
+    """Import a backend and ask it whether it can run; cache the answer."""
+    if name in _backends:
+        return _backends[name]
     if name in _unavailable:
         return None
     try:
-        module = importlib.import_module(f"ptx_numba.{_MODULES.get(name, name)}")
-        ok, reason = module.is_available()
+        backend = importlib.import_module(f"ptx_numba.{_MODULES[name]}").BACKEND
+        ok, reason = backend.is_available()
     except Exception as exc:  # a broken optional dependency must not break the package
         ok, reason = False, f"{type(exc).__name__}: {exc}"
     if ok:
-        _modules[name] = module
-        return module
+        _backends[name] = backend
+        return backend
     _unavailable[name] = reason
     return None
 
@@ -59,8 +63,8 @@ def unavailable_reason(name: str) -> str:
 
 
 def mark_broken(name: str, reason: str) -> None:
-    """Record that a backend failed at run time (e.g. the CPU kernel did not compile)."""
-    _modules.pop(name, None)
+    """Record that a backend's kernels failed to compile or load."""
+    _backends.pop(name, None)
     _unavailable[name] = reason
 
 
@@ -88,15 +92,15 @@ def requested_backend(backend: object) -> str:
     return name
 
 
-def explicit(name: str) -> ModuleType:
-    """The module for an explicitly requested backend, or a loud error."""
-    module = _load(name)
-    if module is None:
+def explicit(name: str) -> Backend:
+    """The backend for an explicitly requested name, or a loud error."""
+    backend = _load(name)
+    if backend is None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {_unavailable[name]}")
-    return module
+    return backend
 
 
-def choose_auto(*, on_device: bool, nbytes: int) -> ModuleType:
+def choose_auto(*, on_device: bool, nbytes: int) -> Backend:
     """The backend ``auto`` uses for this input (see module docstring)."""
     cuda = _load("cuda")
     if on_device:
@@ -111,8 +115,39 @@ def choose_auto(*, on_device: bool, nbytes: int) -> ModuleType:
     return cpu if cpu is not None else _load("reference")
 
 
-def fall_back(failed: str, exc: BaseException) -> ModuleType:
-    """Under auto, warn once and return the reference after a backend failed at run time."""
+def resolve(backend: object = "auto", *, on_device: bool = False, nbytes: int = 0) -> Backend:
+    """The backend a call with these inputs runs on (before any fallback)."""
+    name = requested_backend(backend)
+    if on_device:
+        if name not in ("auto", "cuda"):
+            raise TypeError(
+                f"backend {name!r} needs host (NumPy/CPU) arrays but the input is on the GPU; "
+                "use backend='cuda' or 'auto', or copy the input to the host first"
+            )
+        return explicit("cuda") if name == "cuda" else choose_auto(on_device=True, nbytes=0)
+    if name != "auto":
+        return explicit(name)
+    return choose_auto(on_device=False, nbytes=nbytes)
+
+
+def run(backend: object, *, on_device: bool, nbytes: int, call: Callable[[Backend], Any]) -> tuple[Any, str]:
+    """``(call(backend), name)`` with auto's quiet fallback to the reference.
+
+    Only :class:`KernelUnavailable` (a kernel that cannot compile or load) falls back; the
+    backend is then marked broken for the rest of the process.
+    """
+    chosen = resolve(backend, on_device=on_device, nbytes=nbytes)
+    if requested_backend(backend) != "auto" or chosen.name == "reference" or on_device:
+        return call(chosen), chosen.name
+    try:
+        return call(chosen), chosen.name
+    except KernelUnavailable as exc:
+        reference = fall_back(chosen.name, exc)
+        return call(reference), reference.name
+
+
+def fall_back(failed: str, exc: BaseException) -> Backend:
+    """Under auto, warn once and return the reference after a backend failed to compile/load."""
     global _warned_fallback
     mark_broken(failed, f"{type(exc).__name__}: {exc}")
     if not _warned_fallback:
@@ -121,14 +156,24 @@ def fall_back(failed: str, exc: BaseException) -> ModuleType:
             f"ptx_numba: the {failed!r} backend failed ({type(exc).__name__}: {exc}); "
             "falling back to the NumPy reference",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=_caller_level(),
         )
     return _load("reference")
+
+
+def _caller_level() -> int:
+    """``stacklevel`` of the first frame outside this package, as seen from :func:`fall_back`
+    (the depth from a public function to here differs from op to op)."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(2), 2  # level 1 is fall_back itself, 2 its caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _reset_for_tests() -> None:
     """Forget cached availability (tests patch backends)."""
     global _warned_fallback
-    _modules.clear()
+    _backends.clear()
     _unavailable.clear()
     _warned_fallback = False

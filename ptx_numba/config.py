@@ -49,6 +49,23 @@ CUDA_USE_SHUFFLE = None
 #: below it the host->device copy costs more than the CPU kernel. See docs/performance.md.
 CUDA_AUTO_MIN_HOST_BYTES = 64 * 1024 * 1024
 
+# --- reference backend ------------------------------------------------------------------
+#: The float64 reference converts at most this many logits at a time (8 bytes each, plus a few
+#: temporaries of the same size), so its memory stays bounded on large batches (it is the
+#: fallback, so it runs on user data).
+REFERENCE_BLOCK_ELEMENTS = 1 << 22
+
+# --- front door ---------------------------------------------------------------------------
+#: Inputs whose values must be converted (another byte order, a non-unit stride along V, integer
+#: or 8-bit float logits) are converted in row blocks of at most this many bytes, so no input ever
+#: costs a second N x V array.
+COPY_BLOCK_BYTES = 32 * 1024 * 1024
+
+# --- fused linear cross entropy -------------------------------------------------------------
+#: Logit bytes per chunk when ``chunk_size=None``: one buffer of this size is the only N x V-like
+#: memory the fused linear ops hold.
+LINEAR_CHUNK_BYTES = 256 * 1024 * 1024
+
 # --- CLI --------------------------------------------------------------------------------------
 #: Target bytes of logits per block when ``ptx-numba score`` streams a memory-mapped file.
 SCORE_BLOCK_BYTES = 64 * 1024 * 1024

@@ -15,10 +15,11 @@ from scipy.special import logsumexp as scipy_lse
 import ptx_numba as pn
 from exact import as_f64, cast, ce64, lse64
 from ptx_numba import _dispatch
+from ptx_numba.contract import TOL_FLOAT32, TOL_FLOAT64
 
 HOST_BACKENDS = [b for b in pn.available_backends() if b != "cuda"]
 DTYPES = ["float32", "float64", "float16", "bfloat16"]
-NARROW_TOL, F64_TOL = 2e-5, 1e-10
+NARROW_TOL, F64_TOL = TOL_FLOAT32, TOL_FLOAT64
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +112,7 @@ def test_ptxloss_fields_and_types():
     assert (total, ptx, ce) == (r.total, r.ptx, r.ce)
     assert all(type(v) is float for v in r)
     assert r.ptx == 2.0 * r.ce and r.total == 0.25 + r.ptx
-    assert r.ce == pytest.approx(math.log(3), rel=2e-5)
+    assert r.ce == pytest.approx(math.log(3), rel=NARROW_TOL)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The hand-written AVX2 exp-sum (ptx_numba._avx2) against float64 NumPy.
+"""The hand-written AVX2 exp-sum (ptx_numba.cpu.simd.avx2) against float64 NumPy.
 
 Each term is checked through the public intrinsic itself: a one-element chunk is a 16-lane block
 whose 15 padding lanes decode to -inf and must add exactly 0, so ``expsum(x[i:i+1])`` is term i.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from ptx_numba import _avx2
+from ptx_numba.cpu.simd import avx2 as _avx2
 
 pytestmark = pytest.mark.skipif(not _avx2.AVAILABLE, reason="the CPU lacks AVX2/FMA")
 

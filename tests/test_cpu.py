@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp as scipy_lse
 
-from ptx_numba import _validate, config, cpu
+import ptx_numba as pn
+from ptx_numba import _bench_floor, _finish, _validate, config, cpu
+from ptx_numba._rowpass import StatsSpec
 
-pytestmark = pytest.mark.skipif(not cpu.is_available()[0], reason="numba unavailable")
+pytestmark = pytest.mark.skipif(not cpu.BACKEND.is_available()[0], reason="numba unavailable")
 
 
 @pytest.fixture(params=["avx2", "portable"])
@@ -27,9 +29,17 @@ def _exact(z64, labels):
     return lse, lse - z64[np.arange(len(labels)), labels]
 
 
+def _lse_ce(x, labels, ignore_index):
+    """Per-row ``(lse, ce)`` from the backend's row pass (ce 0 where ignored)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    y = np.where(labels == ignore_index, -1, labels).astype(np.int64)
+    st = cpu.BACKEND.row_stats(x, y, StatsSpec(target=True))
+    return _finish.lse(st), _finish.cross_entropy(st, y >= 0, x.shape[1])
+
+
 def _run(raw, labels):
     x, _, _ = _validate.as_host_logits(raw)
-    return cpu.row_stats(x, np.asarray(labels, dtype=np.int64), -100)
+    return _lse_ce(x, labels, -100)
 
 
 def _rel(a, b):
@@ -65,12 +75,10 @@ def test_first_entry_far_from_the_rest_of_the_row(kernel_path, rng, first):
 
 @pytest.mark.parametrize("first", [np.nan, np.inf])
 def test_first_entry_nan_or_inf_gives_the_reference_special_value(kernel_path, rng, first):
-    from ptx_numba import reference
-
     z = rng.standard_normal((1, config.CPU_CHUNK + 3)).astype(np.float32)
     z[0, 0] = first
     lse, ce = _run(z, [1])
-    want_lse = reference.logsumexp_rows(z.astype(np.float64))
+    want_lse = pn.logsumexp(z.astype(np.float64), backend="reference")
     np.testing.assert_array_equal(lse, want_lse)
 
 
@@ -120,7 +128,7 @@ def test_ignore_index_inside_vocab_range_is_guarded(rng):
     # a label equal to ignore_index is never used as an index, whatever its value
     z = rng.standard_normal((4, 10)).astype(np.float32)
     x, _, _ = _validate.as_host_logits(z)
-    _, ce = cpu.row_stats(x, np.array([3, 3, 1, 3]), 3)
+    _, ce = _lse_ce(x, np.array([3, 3, 1, 3]), 3)
     assert ce[0] == ce[1] == ce[3] == 0.0
     assert np.isclose(ce[2], scipy_lse(z[2].astype(np.float64)) - z[2, 1], rtol=2e-6)
 
@@ -131,8 +139,8 @@ def test_stream_read_sums_every_byte(rng, dtype):
     z = rng.integers(0, 100, size=(5, 70001)).astype(dtype)
     raw = np.concatenate([z.reshape(-1).view(np.uint8), np.zeros(-z.nbytes % 8, np.uint8)])
     words = raw.view("<u8").astype(object)
-    assert cpu.stream_read(z) == int(words.sum()) % 2**64
-    assert cpu.stream_read(z[:, :0]) == 0
+    assert _bench_floor.stream_read(z) == int(words.sum()) % 2**64
+    assert _bench_floor.stream_read(z[:, :0]) == 0
 
 
 def test_kernel_is_loaded_from_cache_in_a_new_process(tmp_path):
@@ -140,9 +148,9 @@ def test_kernel_is_loaded_from_cache_in_a_new_process(tmp_path):
     script = textwrap.dedent(
         """
         import numpy as np, ptx_numba as pn
-        from ptx_numba import cpu
+        from ptx_numba.cpu import rowpass, finish
         pn.cross_entropy(np.zeros((2, 3), np.float32), [0, 1], backend="cpu")
-        kernels = (cpu._pieces_kernel, cpu._pieces_kernel_avx2, cpu._finish_kernel)
+        kernels = (rowpass.plain_kernel, finish.finish_kernel)
         print(sum(len(d.stats.cache_hits) for d in kernels), sum(len(d.stats.cache_misses) for d in kernels))
         """
     )
@@ -153,3 +161,27 @@ def test_kernel_is_loaded_from_cache_in_a_new_process(tmp_path):
     hits2, misses2 = map(int, second.stdout.split())
     assert misses1 >= 1 and hits1 == 0  # the first process compiled
     assert hits2 >= 2 and misses2 == 0  # the second loaded both kernels from the cache
+
+
+def test_isa_marker_kernel_loads_from_cache_fast_in_a_new_process(tmp_path):
+    """The walk is specialised on an ISA marker *type*: a fresh process must load, not compile."""
+    script = textwrap.dedent(
+        """
+        import time, numpy as np
+        from ptx_numba import config
+        from ptx_numba.cpu import BACKEND, rowpass
+        from ptx_numba._rowpass import StatsSpec
+        config.CPU_AVX2 = %s
+        t0 = time.perf_counter()
+        BACKEND.row_stats(np.zeros((2, 3), np.float32), np.array([0, 1]), StatsSpec(target=True))
+        d = rowpass.plain_kernel
+        print(len(d.stats.cache_hits), len(d.stats.cache_misses), time.perf_counter() - t0)
+        """
+    )
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
+    for flag in ("None", "False"):
+        code = script % flag
+        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        hits, misses, _ = out.stdout.split()
+        assert int(hits) >= 1 and int(misses) == 0, (flag, out.stdout)

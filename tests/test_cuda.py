@@ -22,7 +22,7 @@ numba_cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not install
 
 import ptx_numba as pn  # noqa: E402
 from ptx_numba import _dispatch, config, reference  # noqa: E402
-from ptx_numba._validate import prepare_host  # noqa: E402
+from ptx_numba._validate import prepare  # noqa: E402
 
 _dispatch._reset_for_tests()  # forget an earlier failed import of the backend
 pc = importlib.import_module("ptx_numba.gpu")
@@ -30,10 +30,10 @@ _ok, _why = pc.is_available()
 if not _ok:
     pytest.skip(f"cuda backend unavailable: {_why}", allow_module_level=True)
 
-from ptx_numba import _cuda_kernels  # noqa: E402
+from ptx_numba.gpu import _legacy, kernels  # noqa: E402
 
 cuda = numba_cuda
-ON_SIM = _cuda_kernels.on_simulator()
+ON_SIM = kernels.on_simulator()
 gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(ON_SIM, reason="needs a real CUDA GPU (running on the simulator)")
 IGN = -100
@@ -382,12 +382,12 @@ def no_launch(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a kernel was launched for invalid input")
 
-    monkeypatch.setattr(pc, "_run_rows", refuse)
+    monkeypatch.setattr(_legacy, "_launch_rows", refuse)
 
 
 def host_error(z, y):
     with pytest.raises(ValueError) as info:
-        prepare_host(z, y, IGN)
+        prepare(z, y, ignore_index=IGN)
     return str(info.value)
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import ptx_numba as pn
 from exact import as_f64, cast, ce64, lse64
+from ptx_numba.contract import TOL_FLOAT64, tolerance
 
 HOST_BACKENDS = [b for b in pn.available_backends() if b != "cuda"]
 DTYPES = ["float32", "float64", "float16", "bfloat16"]
@@ -65,7 +66,7 @@ def batches(draw, dtypes=DTYPES, allow_neg_inf=True):
 @given(batches())
 def test_backends_agree_with_float64(batch):
     z, y, dtype, ii = batch
-    tol = 1e-10 if dtype == "float64" else 2e-5
+    tol = tolerance(dtype)
     want_lse, want_ce = lse64(z), ce64(z, y, ii)
     valid = y != ii
     for backend in HOST_BACKENDS:
@@ -129,18 +130,18 @@ def test_ce_shift_invariant_float64(seed, n, v, scale, shift):
         base = pn.cross_entropy(z, y, reduction="none", backend=backend)
         moved = pn.cross_entropy(zc, y, reduction="none", backend=backend)
         # z + c itself rounds each entry by <= ulp(|z| + |c|) / 2; the CE may move by that much
-        slack = 4 * np.spacing(np.abs(zc).max()) + 1e-10 * np.maximum(1.0, np.abs(base))
+        slack = 4 * np.spacing(np.abs(zc).max()) + TOL_FLOAT64 * np.maximum(1.0, np.abs(base))
         assert (np.abs(moved - base) <= slack).all(), backend
         # and the LSE moves by exactly the constant (to the same rounding)
         lse, lse_c = pn.logsumexp(z, backend=backend), pn.logsumexp(zc, backend=backend)
-        assert (np.abs((lse_c - lse) - c[:, 0]) <= slack + 1e-10 * np.abs(lse_c)).all(), backend
+        assert (np.abs((lse_c - lse) - c[:, 0]) <= slack + TOL_FLOAT64 * np.abs(lse_c)).all(), backend
 
 
 @settings(max_examples=60, **SETTINGS)
 @given(batches(dtypes=["float32", "float64"], allow_neg_inf=False))
 def test_backends_agree_with_each_other(batch):
     z, y, dtype, ii = batch
-    tol = 1e-10 if dtype == "float64" else 2e-5
+    tol = tolerance(dtype)
     results = [pn.cross_entropy(z, y, ignore_index=ii, reduction="none", backend=b) for b in HOST_BACKENDS]
     for other in results[1:]:
         # each is within tol of float64, so within 2*tol of each other

@@ -1,4 +1,4 @@
-"""Shift arithmetic of the AVX2 loops (ptx_numba._shift) in exact rationals and long double.
+"""Shift arithmetic of the AVX2 loops (ptx_numba.cpu.simd.shift) in exact rationals and long double.
 
 These run on every CPU: the constants are plain float arithmetic, whatever the loops can run on.
 """
@@ -7,7 +7,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from ptx_numba import _shift
+from ptx_numba.cpu.simd import shift as _shift
 
 _K8 = float(_shift.K8)
 

@@ -1,9 +1,9 @@
-"""The vectorizable primitives in ptx_numba._simd against NumPy float64 / exact decoding."""
+"""The vectorizable primitives in ptx_numba.cpu.simd.primitives against NumPy float64 / exact decoding."""
 import numpy as np
 import pytest
 from numba import njit
 
-from ptx_numba import _simd
+from ptx_numba.cpu.simd import primitives as _simd
 
 
 @njit(cache=False)

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 import ptx_numba as pn
-from ptx_numba import _dispatch
-from ptx_numba._validate import BF16, F16, decode_to_float64, prepare_host
+from ptx_numba import _dispatch, config
+from ptx_numba._validate import BF16, F16, Batch, decode_to_float64, prepare
+from ptx_numba.contract import TOL_FLOAT32, TOL_FLOAT64
 
 HOST_BACKENDS = [b for b in pn.available_backends() if b != "cuda"]
 
@@ -254,6 +255,11 @@ def _layout_variants(rng):
         "nested_int_list": (np.round(base).astype(int).tolist(), np.round(base)),
         "nested_float_list": (base.tolist(), base),
         "longdouble": (base.astype(np.longdouble), base),
+        "float8_e5m2": (base.astype(ml_dtypes.float8_e5m2), base.astype(ml_dtypes.float8_e5m2).astype(np.float32)),
+        "float8_e4m3fn": (base.astype(ml_dtypes.float8_e4m3fn), base.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)),
+        "time_slice": (np.concatenate([base, base[:, :1] + 1.0], axis=1)[:, :-1], base),
+        "vocab_slice": (np.concatenate([base, base[:, :, :1] + 1.0], axis=2)[:, :, :-1], base),
+        "reversed_vocab": (np.ascontiguousarray(base[:, :, ::-1])[:, :, ::-1], base),
     }
 
 
@@ -268,7 +274,7 @@ def test_coercions_read_the_same_values(rng, variant, backend):
     labels = rng.integers(0, 9, size=(4, 6))
     labels[0, 0] = -100
     narrow = np.asarray(same_values).dtype in (np.float16, np.float32, np.dtype(ml_dtypes.bfloat16))
-    tol = 2e-5 if narrow else 1e-10
+    tol = TOL_FLOAT32 if narrow else TOL_FLOAT64
     lse = pn.logsumexp(logits, backend=backend)
     assert lse.shape == (4, 6)
     assert lse.dtype == (np.float32 if narrow else np.float64)
@@ -281,9 +287,20 @@ def test_coercions_read_the_same_values(rng, variant, backend):
     np.testing.assert_allclose(rows.reshape(-1), want_ce, rtol=0, atol=tol * max(1.0, np.abs(want_ce).max()))
 
 
+def blocks_of(batch):
+    return list(batch.blocks())
+
+
+def joined(batch):
+    """Every block decoded to float64 and stacked: the [N, V] values the kernels read."""
+    parts = [decode_to_float64(b.x) for b in batch.blocks()]
+    return np.concatenate(parts) if parts else np.zeros((0, batch.vocab))
+
+
 def test_nested_int_list_becomes_float64():
-    batch = prepare_host([[1, 2, 3], [4, 5, 6]], [0, 2], -100)
-    assert batch.logits.dtype == np.float64 and batch.source_dtype == "float64"
+    batch = prepare([[1, 2, 3], [4, 5, 6]], [0, 2])
+    assert batch.source_dtype == "float64" and batch.out_dtype == np.float64
+    assert all(b.x.dtype == np.float64 for b in batch.blocks())
     assert pn.logsumexp([[1, 2, 3]]).dtype == np.float64
     assert pn.cross_entropy([[0, 0]], [1], reduction="none").dtype == np.float64
 
@@ -300,28 +317,211 @@ def test_nested_int_list_becomes_float64():
         (lambda z: z.astype(np.int16), np.float64, "float64"),
         (lambda z: z.astype(np.uint16), np.float64, "float64"),  # integers are values, not bits
         (lambda z: z.astype(np.longdouble), np.float64, "float64"),
+        (lambda z: z.astype(ml_dtypes.float8_e5m2), np.float32, "float32"),
+        (lambda z: z.astype(ml_dtypes.float8_e4m3fn), np.float32, "float32"),
     ],
 )
-def test_prepare_host_encodings(rng, make, enc, source):
+def test_prepare_encodings(rng, make, enc, source):
     z = np.abs(rng.normal(0, 3, size=(2, 3, 5))).round(1)
     given = make(z)
-    batch = prepare_host(given, np.zeros((2, 3), np.int64), -100)
-    assert batch.logits.dtype == np.dtype(enc)
+    batch = prepare(given, np.zeros((2, 3), np.int64))
+    assert isinstance(batch, Batch)
     assert batch.source_dtype == source
-    assert batch.logits.shape == (6, 5) and batch.batch_shape == (2, 3)
-    assert batch.logits.flags.c_contiguous and not batch.logits.flags.writeable
-    assert batch.labels.dtype == np.int64 and batch.labels.shape == (6,) and batch.labels.flags.c_contiguous
+    assert batch.batch_shape == (2, 3) and batch.vocab == 5 and batch.n_rows == 6
+    assert not batch.on_device
+    assert batch.out_dtype == (np.float64 if source == "float64" else np.float32)
+    blocks = blocks_of(batch)
+    assert blocks[0].start == 0 and blocks[-1].stop == 6
+    assert all(a.stop == b.start for a, b in zip(blocks, blocks[1:]))  # consecutive, in order
+    for b in blocks:
+        assert b.x.dtype == np.dtype(enc) and b.x.shape == (b.stop - b.start, 5) and b.w is None
+        assert b.x.strides[-1] == b.x.itemsize  # unit stride along V
+        assert not b.x.flags.writeable
+    assert batch.nbytes == 6 * 5 * {"float64": 8, "float32": 4}.get(source, 2)
+    assert batch.y.dtype == np.int64 and batch.y.shape == (6,) and batch.y.flags.c_contiguous
     # the encoding decodes to exactly the values the caller gave
-    np.testing.assert_array_equal(
-        decode_to_float64(batch.logits), np.asarray(given).astype(np.float64).reshape(6, 5)
-    )
+    np.testing.assert_array_equal(joined(batch), np.asarray(given).astype(np.float64).reshape(6, 5))
 
 
-def test_prepare_host_labels_are_a_copy():
+def test_prepare_labels_are_a_copy_with_minus_one_for_ignored():
     y = np.array([[0, 1], [2, -100]], dtype=np.int64)
-    batch = prepare_host(np.zeros((2, 2, 3)), y, -100)
-    assert not np.shares_memory(batch.labels, y)
-    np.testing.assert_array_equal(batch.labels, y.reshape(-1))
+    batch = prepare(np.zeros((2, 2, 3)), y)
+    assert not np.shares_memory(batch.y, y)
+    np.testing.assert_array_equal(batch.y, [0, 1, 2, -1])
+    np.testing.assert_array_equal(batch.valid, [True, True, True, False])
+    np.testing.assert_array_equal(y, [[0, 1], [2, -100]])  # the caller's labels untouched
+    # a custom ignore_index inside [0, V) becomes -1 too; -100 is then out of range
+    np.testing.assert_array_equal(prepare(np.zeros((3, 3)), [2, 0, 2], ignore_index=2).y, [-1, 0, -1])
+    # no labels: every row -1
+    none = prepare(np.zeros((2, 4, 3)))
+    assert none.y.dtype == np.int64 and none.y.shape == (8,) and (none.y == -1).all()
+
+
+def test_prepare_tokens_name_in_errors():
+    with pytest.raises(ValueError, match=r"tokens\[1\] = 7 is out of range"):
+        prepare(np.zeros((2, 3)), [0, 7], labels_name="tokens")
+    with pytest.raises(ValueError, match=r"tokens shape \(3,\) does not match logits shape"):
+        prepare(np.zeros((2, 3)), [0, 1, 2], labels_name="tokens")
+
+
+# ------------------------------------------------------------------------------------------
+# row blocks: read in place when the rows can be, else converted in bounded blocks
+# ------------------------------------------------------------------------------------------
+def _in_place_cases(rng):
+    flat = rng.normal(0, 2, size=(13, 11)).astype(np.float32)
+    cube = rng.normal(0, 2, size=(3, 5, 11))
+    bf = rng.normal(0, 2, size=(4, 7)).astype(ml_dtypes.bfloat16)
+    return {
+        "C_order_2d": (flat, 1),
+        "C_order_3d": (cube, 1),
+        "slice_vocab_2d": (flat[:, :-1], 1),  # x[:, :-1]: row stride > V, one strided block
+        "slice_rows": (flat[2:9], 1),
+        "every_other_row": (flat[::2], 1),
+        "slice_vocab_3d": (cube[:, :, :-1], 1),
+        "slice_time_3d": (cube[:, :-1], 3),  # [B, T, V][:, :-1]: B blocks of T - 1 rows
+        "bfloat16": (bf, 1),
+        "float16": (flat.astype(np.float16), 1),
+        "read_only": (np.require(flat, requirements="C").view(), 1),
+    }
+
+
+IN_PLACE = list(_in_place_cases(np.random.default_rng(0)))
+
+
+@pytest.mark.parametrize("case", IN_PLACE)
+def test_blocks_are_read_only_views_of_the_callers_array(rng, case, monkeypatch):
+    monkeypatch.setattr(config, "COPY_BLOCK_BYTES", 64)  # must not matter for in-place reads
+    arr, n_blocks = _in_place_cases(rng)[case]
+    batch = prepare(arr)
+    blocks = blocks_of(batch)
+    assert len(blocks) == n_blocks
+    for b in blocks:
+        assert np.shares_memory(b.x, arr), case
+        assert not b.x.flags.writeable
+        assert b.x.strides[-1] == b.x.itemsize
+    np.testing.assert_array_equal(joined(batch), np.asarray(arr).astype(np.float64).reshape(-1, arr.shape[-1]))
+    assert arr.flags.writeable  # the caller's own flag is left alone
+
+
+def _converted_cases(rng):
+    z = rng.normal(0, 2, size=(6, 5, 13))
+    return {
+        "fortran": np.asfortranarray(z.astype(np.float32)),
+        "big_endian_f4": z.astype(">f4"),
+        "big_endian_f8": z.astype(">f8"),
+        "big_endian_bf16": z.astype(ml_dtypes.bfloat16).astype(np.dtype(ml_dtypes.bfloat16).newbyteorder(">")),
+        "int32": np.round(z * 10).astype(np.int32),
+        "reversed_vocab": z.astype(np.float32)[:, :, ::-1],
+        "strided_vocab": z[:, :, ::2],
+        "float8_e5m2": z.astype(ml_dtypes.float8_e5m2),
+        "float8_e4m3fn": z.astype(ml_dtypes.float8_e4m3fn),
+    }
+
+
+CONVERTED = list(_converted_cases(np.random.default_rng(0)))
+
+
+@pytest.mark.parametrize("case", CONVERTED)
+def test_converted_inputs_go_in_bounded_blocks(rng, case, monkeypatch):
+    arr = _converted_cases(rng)[case]
+    v = arr.shape[-1]
+    bound = 3 * v * 8 + 5  # a few rows of float64 per converted block
+    monkeypatch.setattr(config, "COPY_BLOCK_BYTES", bound)
+    batch = prepare(arr)
+    blocks = blocks_of(batch)
+    assert len(blocks) >= batch.n_rows // 3
+    assert sum(b.stop - b.start for b in blocks) == batch.n_rows
+    for b in blocks:
+        assert b.x.nbytes <= bound, (case, b.x.shape, b.x.dtype)
+        assert not np.shares_memory(b.x, arr)
+        assert not b.x.flags.writeable
+        assert b.x.strides[-1] == b.x.itemsize
+    with np.errstate(invalid="ignore"):
+        want = np.asarray(arr).astype(np.float64).reshape(-1, v)
+    np.testing.assert_array_equal(joined(batch), want)
+    # the ops see the same values as from a C-contiguous float64 copy
+    y = rng.integers(0, v, size=arr.shape[:-1])
+    got = pn.cross_entropy(arr, y, reduction="none", backend="reference")
+    exp = pn.cross_entropy(np.ascontiguousarray(want).reshape(arr.shape), y, reduction="none", backend="reference")
+    np.testing.assert_allclose(got, exp, rtol=0, atol=TOL_FLOAT32 * max(1.0, np.abs(exp).max()))
+
+
+def test_second_logit_set_is_blocked_beside_the_first(rng, monkeypatch):
+    v = 7
+    monkeypatch.setattr(config, "COPY_BLOCK_BYTES", 2 * v * 8)
+    z = rng.normal(size=(5, 3, v)).astype(np.float32)
+    w = np.asfortranarray(rng.normal(size=(5, 3, v)))  # another layout and dtype
+    batch = prepare(z, rng.integers(0, v, (5, 3)), other=w)
+    blocks = blocks_of(batch)
+    for b in blocks:
+        assert b.w is not None and b.w.shape == b.x.shape
+        assert b.x.dtype == np.float32 and b.w.dtype == np.float64
+        assert np.shares_memory(b.x, z)
+    np.testing.assert_array_equal(np.concatenate([b.w for b in blocks]), w.reshape(-1, v))
+    with pytest.raises(ValueError, match=r"ref_logits shape \(5, 3, 6\) does not match logits shape \(5, 3, 7\)"):
+        prepare(z, other=np.zeros((5, 3, 6)))
+
+
+def test_empty_batch_has_no_or_empty_blocks():
+    batch = prepare(np.zeros((0, 4), np.float32), np.zeros(0, np.int64))
+    assert batch.n_rows == 0 and batch.y.shape == (0,)
+    assert sum(b.stop - b.start for b in batch.blocks()) == 0
+    assert pn.logsumexp(np.zeros((2, 0, 4))).shape == (2, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# issue 14, item 2: arguments outside int64 / float range, 8-bit float logits
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1, 2**64, -(10**40)])
+def test_ignore_index_outside_int64_is_accepted_and_matches_nothing(rng, backend, ignore_index):
+    z = rng.normal(size=(4, 6))
+    y = np.array([0, 5, 3, 1])
+    before = pn.available_backends()
+    got = pn.cross_entropy(z, y, ignore_index=ignore_index, reduction="none", backend=backend)
+    np.testing.assert_array_equal(got, pn.cross_entropy(z, y, reduction="none", backend=backend))
+    assert pn.cross_entropy(z, y, ignore_index=ignore_index, backend=backend) > 0.0
+    assert (prepare(z, y, ignore_index=ignore_index).y == y).all()  # no -1: nothing ignored
+    assert pn.available_backends() == before  # and no backend marked broken
+    # a label that is out of range still names the huge ignore_index
+    with pytest.raises(ValueError, match=rf"ignore_index = {ignore_index}"):
+        pn.cross_entropy(z, [0, -100, 1, 1], ignore_index=ignore_index, backend=backend)
+    assert pn.available_backends() == before
+
+
+@pytest.mark.parametrize("value", [2.0**63, -(2.0**63), 1e19, -1e30, 2.0**64])
+def test_float_labels_outside_int64_are_rejected(value):
+    """They would wrap (2**63 -> -2**63) and could match ignore_index=-2**63."""
+    labels = np.array([0.0, value, 1.0])
+    for ignore_index in (-100, -(2**63)):
+        with pytest.raises(ValueError, match=r"labels\[1\] = .* too large for int64"):
+            pn.cross_entropy(np.zeros((3, 4)), labels, ignore_index=ignore_index)
+
+
+@pytest.mark.parametrize("name", ["beta", "rl_loss"])
+@pytest.mark.parametrize("value", [10**400, -(10**400)])
+def test_python_ints_beyond_float_are_value_errors(name, value):
+    args = {"rl_loss": 0.0, "beta": 0.1, name: value}
+    with pytest.raises(ValueError, match=f"{name} must be finite"):
+        pn.ptx_loss(args["rl_loss"], LOGITS, [0, 1], args["beta"])
+    with pytest.raises(ValueError, match=f"{name} must be finite"):
+        pn.ptx_loss_and_grad(args["rl_loss"], LOGITS, [0, 1], args["beta"])
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", [ml_dtypes.float8_e5m2, ml_dtypes.float8_e4m3fn], ids=lambda d: d.__name__)
+def test_float8_logits_read_as_their_float32_values(rng, backend, dtype):
+    z = rng.normal(0, 3, size=(5, 17)).astype(dtype)
+    as32 = z.astype(np.float32)
+    y = rng.integers(0, 17, 5)
+    y[2] = -100
+    lse = pn.logsumexp(z, backend=backend)
+    assert lse.dtype == np.float32
+    np.testing.assert_array_equal(lse, pn.logsumexp(as32, backend=backend))
+    np.testing.assert_array_equal(pn.cross_entropy(z, y, reduction="none", backend=backend),
+                                  pn.cross_entropy(as32, y, reduction="none", backend=backend))
+    np.testing.assert_allclose(lse, exact_lse(as32), rtol=0, atol=TOL_FLOAT32 * max(1.0, np.abs(lse).max()))
+    assert prepare(z).source_dtype == "float32"
 
 
 @pytest.mark.parametrize(
@@ -367,13 +567,18 @@ def test_objects_with_dunder_array():
 def test_torch_inputs_coerced():
     torch = pytest.importorskip("torch")
     z = torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.25, -1.0]], requires_grad=True)
-    batch = prepare_host(z, torch.tensor([0, -100]), -100)
-    assert batch.source_dtype == "float32" and batch.logits.dtype == np.float32
+    batch = prepare(z, torch.tensor([0, -100]))
+    assert batch.source_dtype == "float32" and all(b.x.dtype == np.float32 for b in batch.blocks())
+    np.testing.assert_array_equal(batch.y, [0, -1])
+    assert all(np.shares_memory(b.x, z.detach().numpy()) for b in batch.blocks())  # read in place
     for dt, enc in ((torch.bfloat16, BF16), (torch.float16, F16)):
         t = z.detach().to(dt)
-        b = prepare_host(t.t(), torch.tensor([0, 1, 1]), -100)  # non-contiguous too
-        assert b.logits.dtype == enc
-        np.testing.assert_array_equal(decode_to_float64(b.logits), t.t().double().numpy())
+        b = prepare(t.t(), torch.tensor([0, 1, 1]))  # non-contiguous too
+        assert all(blk.x.dtype == enc for blk in b.blocks())
+        np.testing.assert_array_equal(joined(b), t.t().double().numpy())
+        # and through the public functions (a strided half tensor is copied as bits, not values)
+        np.testing.assert_array_equal(pn.logsumexp(t.t(), backend="reference"),
+                                      pn.logsumexp(t.t().float().numpy(), backend="reference"))
     with pytest.raises(TypeError, match="complex"):
         pn.logsumexp(torch.zeros(2, 3, dtype=torch.complex64))
     with pytest.raises(TypeError, match="boolean"):

@@ -58,16 +58,9 @@ def check_ignore_index(value: int) -> int:
 def resolve_backend(name: str) -> str:
     """The backend that will actually run on host input (``auto`` resolved), or a CLIError."""
     try:
-        requested = _dispatch.requested_backend(name)
-        resolve = getattr(_dispatch, "resolve", None)
-        if resolve is not None:
-            return resolve(requested, on_device=False)
-        if requested != "auto":
-            _dispatch.explicit(requested)
-            return requested
+        return _dispatch.resolve(name, on_device=False).name
     except (ValueError, TypeError, _dispatch.BackendUnavailableError) as exc:
         raise CLIError(str(exc)) from None
-    return "cpu" if "cpu" in _dispatch.available_backends() else "reference"
 
 
 def flat_labels(labels: np.ndarray, batch_shape: tuple, vocab: int, ignore_index: int,

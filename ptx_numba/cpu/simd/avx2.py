@@ -23,7 +23,7 @@ on every float16 input and on random float32 inputs; 1.17 in a one-off 10 M-inpu
 portable loop incurs. Terms
 whose ``x - m`` lies below ``-87.3`` (results below ``2**-126``) are approximate to within
 ``2**-126`` and exactly 0 below ``-88.03`` and for ``-inf``; ``x`` above ``hi`` gives at most
-``3.3e38`` (finite). NaN gives NaN. ``S`` is chosen by :func:`._shift.shift_constants`.
+``3.3e38`` (finite). NaN gives NaN. ``S`` is chosen by :func:`.shift.shift_constants`.
 
 **float64** logits get a sibling loop in 4 double lanes, ``sum_j 2**(x_j * K1 - S)`` with
 ``K1 = 1/ln 2`` (float64): the same clamps and exact FMA range reduction (``MAGIC64 = 1.5 * 2**52 +
@@ -33,9 +33,9 @@ term is ``exp(x - m)`` (``m = S/K1``) to within 5e-14 relative; below ``x - m = 
 ``-inf`` it is exactly 0, above ``+709.4`` it stays finite (<= 1.8e308).
 
 The path needs x86-64 with AVX2 and FMA (F16C too for float16); :data:`AVAILABLE` says whether
-the host has them. Elsewhere the portable loop in :mod:`.cpu` runs. The shift arithmetic
+the host has them. Elsewhere the portable loop in :mod:`ptx_numba.cpu.rowpass` runs. The shift arithmetic
 (:func:`constants`, :func:`shift_limit`, which pick the float32 or float64 set by the type of the
-decoded shift, so one walk serves every encoding) is in :mod:`._shift` and re-exported here.
+decoded shift, so one walk serves every encoding) is in :mod:`.shift` and re-exported here.
 """
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-# The shift arithmetic lives in ._shift; callers reach it through this module, beside the loop.
-from ._shift import (  # noqa: F401  (re-exported)
+# The shift arithmetic lives in .shift; callers reach it through this module, beside the loop.
+from .shift import (  # noqa: F401  (re-exported)
     K1_F64,
     K8,
     KAPPA_MINUS_ONE,
@@ -59,7 +59,7 @@ from ._shift import (  # noqa: F401  (re-exported)
     shift_constants_f64,
     shift_limit,
 )
-from ._simd import NATIVE_F16, is_x86_64, target_cpu_features
+from .primitives import NATIVE_F16, is_x86_64, target_cpu_features
 
 _LANES = 8  # float32 lanes in a 256-bit register
 

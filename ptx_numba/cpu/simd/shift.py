@@ -1,4 +1,4 @@
-"""Shift arithmetic of the AVX2 exp-sum loops (:mod:`._avx2`): where a row's shift goes in them.
+"""Shift arithmetic of the AVX2 exp-sum loops (:mod:`.avx2`): where a row's shift goes in them.
 
 The loops never form ``x - m``. They sum ``2**((x*K8 - S)/8)`` (float32 lanes) or
 ``2**(x*K1 - S)`` (float64 lanes) for an *integer* ``S`` folded into one FMA constant
@@ -8,7 +8,7 @@ shift ``m = fl(S/K)`` the kernel reports, and ``corr``, the factor that moves th
 onto ``m`` exactly (see :func:`_shift_and_correction`).
 
 Inside Numba code, :func:`constants` and :func:`shift_limit` choose the float32 or float64 set
-by the type of the decoded shift, so one walk in :mod:`.cpu` serves every encoding.
+by the type of the decoded shift, so one walk in :mod:`ptx_numba.cpu.rowpass` serves every encoding.
 """
 from __future__ import annotations
 

@@ -1,0 +1,272 @@
+"""The CPU gradient pass: the element formula of :mod:`ptx_numba._rowpass` in one parallel pass.
+
+Per row (``prange``), per element, in the compute precision (float32; float64 for float64
+logits or with a softcap)::
+
+    rel = z'_j - m,  p = exp(rel) / s
+    g   = D + C [j == y] + (p (A + B rel + E (w'_j - m_w))  if p > 0 else 0)
+    out = g * dz'/dz
+
+rounded to ``out``'s encoding last (bfloat16 and float16 bits from float32 by round to nearest
+even). A row is walked in L1 chunks: the gradient goes into a small buffer first and is then
+stored, so ``out`` may alias ``x`` (every element is read before it is written) and both loops
+still vectorize (LLVM's run-time overlap check sees two distinct ranges).
+
+Without a softcap the shift is carried in the stored domain as a float32 pair ``mh + ml``
+(``rel = ((z - mh) - ml) * inv_temperature``), so a row at an offset of 3e4 keeps ``rel`` to
+float32 rounding of ``rel`` itself, not of the offset.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic, overload
+
+from .._rowpass import GradCoef, RowStats, StatsSpec
+from ._jit import CHUNK, jit
+from .moments import _ratio, _slice, kscale, tvalue
+from .rowpass import flat_rows
+from .simd.primitives import f32_to_bits, fast_exp, zero_like
+
+_U16 = np.uint32(0xFFFF)
+_ROUND = np.uint32(0x7FFF)
+_QUIET = np.uint32(0x40)
+_SHIFT16 = np.uint32(16)
+_ONE = np.uint32(1)
+
+
+@intrinsic
+def _f32_to_f16_bits(typingctx, value):
+    """float32 -> IEEE float16 bits, round to nearest even (LLVM ``fptrunc``; vcvtps2ph with F16C)."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return types.int16(types.float32), codegen
+
+
+@jit()
+def _bf16_bits(g):
+    """float32 -> bfloat16 bits, round to nearest even; NaN stays a quiet NaN."""
+    bits = f32_to_bits(g)
+    rounded = np.uint32((bits + _ROUND + ((bits >> _SHIFT16) & _ONE)) >> _SHIFT16)
+    quiet = np.uint32((bits >> _SHIFT16) | _QUIET)
+    return np.uint16(quiet if g != g else rounded)
+
+
+def encode(g, like):
+    """``g`` in the encoding of an element of ``like``'s dtype (Numba-only)."""
+    raise NotImplementedError("encode is a Numba-only function")
+
+
+@overload(encode, jit_options={"cache": True})
+def _encode_overload(g, like):
+    if like == types.float32:
+        return lambda g, like: np.float32(g)
+    if like == types.float64:
+        return lambda g, like: np.float64(g)
+    if like == types.uint16:
+        return lambda g, like: _bf16_bits(np.float32(g))
+    if like == types.int16:
+        return lambda g, like: _f32_to_f16_bits(np.float32(g))
+    return None
+
+
+def dscale(v, cap, inv_t, k):
+    """``dz'/dz`` at an element whose shift-domain value is ``v`` (Numba-only)."""
+    raise NotImplementedError("dscale is a Numba-only function")
+
+
+@overload(dscale, jit_options={"cache": True})
+def _dscale_overload(v, cap, inv_t, k):
+    if isinstance(cap, types.NoneType):
+        return lambda v, cap, inv_t, k: k
+    return lambda v, cap, inv_t, k: inv_t * (1.0 - (v / cap) * (v / cap))
+
+
+def split_shift(m, cap, inv_t, like):
+    """``(mh, ml)`` in the compute type of ``like`` with ``mh + ml ~ m`` in the shift domain."""
+    raise NotImplementedError("split_shift is a Numba-only function")
+
+
+@overload(split_shift, jit_options={"cache": True})
+def _split_shift_overload(m, cap, inv_t, like):
+    if isinstance(cap, types.NoneType):
+        def impl(m, cap, inv_t, like):
+            raw = m / inv_t if m == m and abs(m) < np.inf else m
+            hi = _cast(raw, like)
+            lo = _cast(raw - np.float64(hi), like) if hi == hi and abs(hi) < np.inf else zero_like(like)
+            return hi, lo
+        return impl
+    return lambda m, cap, inv_t, like: (m, 0.0)
+
+
+def _cast(value, like):
+    raise NotImplementedError
+
+
+@overload(_cast, jit_options={"cache": True})
+def _cast_overload(value, like):
+    if like == types.float64:
+        return lambda value, like: np.float64(value)
+    return lambda value, like: np.float32(value)
+
+
+def _buffer(n, like):
+    raise NotImplementedError
+
+
+@overload(_buffer, jit_options={"cache": True})
+def _buffer_overload(n, like):
+    if like == types.float64:
+        return lambda n, like: np.empty(n, dtype=np.float64)
+    return lambda n, like: np.empty(n, dtype=np.float32)
+
+
+def _wrel(wchunk, j, mh, ml, kw, cap, ratio):
+    raise NotImplementedError
+
+
+@overload(_wrel, jit_options={"fastmath": {"nsz", "arcp", "contract", "afn", "reassoc"}, "cache": True})
+def _wrel_overload(wchunk, j, mh, ml, kw, cap, ratio):
+    if isinstance(wchunk, types.NoneType):
+        return lambda wchunk, j, mh, ml, kw, cap, ratio: 0.0
+    return lambda wchunk, j, mh, ml, kw, cap, ratio: ((tvalue(wchunk[j], cap, ratio) - mh) - ml) * kw
+
+
+def _wfirst(w, like):
+    raise NotImplementedError
+
+
+@overload(_wfirst, jit_options={"cache": True})
+def _wfirst_overload(w, like):
+    if isinstance(w, types.NoneType):
+        return lambda w, like: like
+    return lambda w, like: w[0]
+
+
+@jit()
+def _chunk_grad(chunk, wchunk, buf, mh, ml, k, wh, wl, kw, inv_s, a, b, d, e, cap, inv_t, ratio):
+    """``buf[:n] = g * dz'/dz`` for one chunk (no label term)."""
+    zero = zero_like(buf[0])
+    for j in range(chunk.size):
+        v = tvalue(chunk[j], cap, ratio)
+        rel = ((v - mh) - ml) * k
+        p = fast_exp(rel) * inv_s
+        inner = a + b * rel + e * _wrel(wchunk, j, wh, wl, kw, cap, ratio)
+        g = d + (p * inner if p > zero else zero)
+        buf[j] = g * dscale(v, cap, inv_t, k)
+
+
+@jit(parallel=True)
+def grad_kernel(flat, row0, stride, wflat, wrow0, wstride, oflat, orow0, ostride, y, vocab,
+                inv_t, cap, m, s, m_w, coef):
+    """Write every row's gradient (see the module docstring)."""
+    n_rows = m.size
+    ratio = _ratio(cap, inv_t)
+    for row in prange(n_rows):
+        base = row0 + row * stride
+        obase = orow0 + row * ostride
+        wbase = wrow0 + row * wstride
+        x = flat[base:base + vocab]
+        out = oflat[obase:obase + vocab]
+        like = tvalue(x[0], cap, ratio)
+        k = kscale(x[0], cap, inv_t)
+        a, b, c, d, e = coef[0, row], coef[1, row], coef[2, row], coef[3, row], coef[4, row]
+        if a == 0.0 and b == 0.0 and c == 0.0 and d == 0.0 and e == 0.0:
+            for j in range(vocab):
+                out[j] = encode(zero_like(like), out[0])
+            continue
+        wrow = _slice(wflat, wbase, wbase + vocab)
+        kw = kscale(_wfirst(wrow, x[0]), cap, inv_t)
+        mh, ml = split_shift(m[row], cap, inv_t, like)
+        wh, wl = split_shift(m_w[row], cap, inv_t, like)
+        inv_s = _cast(1.0 / s[row], like)
+        ca, cb, cd, ce = _cast(a, like), _cast(b, like), _cast(d, like), _cast(e, like)
+        label = y[row]
+        label = label if label < vocab else -1  # range-checked upstream; keeps reads in bounds
+        g_label = zero_like(like)
+        if label >= 0:  # read before the row is overwritten (out may alias x)
+            v = tvalue(x[label], cap, ratio)
+            rel = ((v - mh) - ml) * k
+            p = fast_exp(rel) * inv_s
+            g = cd + _cast(c, like)
+            if p > zero_like(like):
+                g += p * (ca + cb * rel + ce * _wrel(wrow, label, wh, wl, kw, cap, ratio))
+            g_label = g * dscale(v, cap, inv_t, k)
+        buf = _buffer(min(CHUNK, vocab), like)
+        for start in range(0, vocab, CHUNK):
+            stop = min(start + CHUNK, vocab)
+            _chunk_grad(x[start:stop], _slice(wrow, start, stop), buf, mh, ml, k, wh, wl, kw, inv_s,
+                        ca, cb, cd, ce, cap, inv_t, ratio)
+            part = out[start:stop]
+            for j in range(stop - start):
+                part[j] = encode(buf[j], part[0])
+        if label >= 0:
+            out[label] = encode(g_label, out[0])
+
+
+_OUT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.uint16), np.dtype(np.int16))
+
+
+def _coef_array(coef: GradCoef, n: int) -> np.ndarray:
+    table = np.zeros((5, n))
+    for i, values in enumerate(coef):
+        if values is not None:
+            table[i] = np.broadcast_to(np.asarray(values, dtype=np.float64), (n,))
+    return table
+
+
+def row_grad(x: np.ndarray, y: np.ndarray, spec: StatsSpec, stats: RowStats, coef: GradCoef,
+             out: np.ndarray, w: np.ndarray | None = None) -> None:
+    """Write the gradient of one block into ``out`` (see :mod:`ptx_numba._rowpass`).
+
+    Parameters
+    ----------
+    x : ndarray, shape (n, V)
+        Encoded logits (unit stride along V, any row stride).
+    y : ndarray of int64, shape (n,)
+        Label per row, or -1.
+    spec : StatsSpec
+        The transform (temperature, softcap) the statistics were taken under.
+    stats : RowStats
+        ``m``, ``s`` (and ``m_w`` when ``coef.E`` is given) from :func:`.rowpass.row_stats`.
+    coef : GradCoef
+        Per-row coefficients; None means 0.
+    out : ndarray, shape (n, V)
+        Writable, unit stride along V, float32 / float64 / uint16 (bfloat16 bits) / int16
+        (float16 bits). May be ``x`` itself.
+    w : ndarray, shape (n, V), optional
+        The second logit set (needed when ``coef.E`` is given).
+    """
+    flat, row0, stride = flat_rows(x)
+    n, vocab = x.shape
+    if not isinstance(out, np.ndarray) or out.shape != x.shape:
+        raise ValueError(f"out must be a NumPy array of shape {x.shape}, got {getattr(out, 'shape', None)}")
+    if out.dtype not in _OUT_DTYPES:
+        raise ValueError(f"out has dtype {out.dtype}; expected float32, float64, uint16 or int16")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    oflat, orow0, ostride = flat_rows(out, "out", writeable=True)
+    if not (isinstance(y, np.ndarray) and y.dtype == np.int64 and y.shape == (n,)):
+        raise ValueError(f"y must be an int64 array of shape ({n},)")
+    if n == 0 or vocab == 0:
+        return
+    table = _coef_array(coef, n)
+    cap = float(spec.softcap) if spec.softcap > 0.0 else None
+    inv_t = float(spec.inv_temperature)
+    m = np.ascontiguousarray(stats.m, dtype=np.float64)
+    s = np.ascontiguousarray(stats.s, dtype=np.float64)
+    if coef.E is not None:
+        if w is None or getattr(w, "shape", None) != x.shape or stats.m_w is None:
+            raise ValueError("coef.E needs w of the shape of x and stats.m_w")
+        wflat, wrow0, wstride = flat_rows(w, "w")
+        m_w = np.ascontiguousarray(stats.m_w, dtype=np.float64)
+        grad_kernel(flat, row0, stride, wflat, wrow0, wstride, oflat, orow0, ostride,
+                    np.ascontiguousarray(y), vocab, inv_t, cap, m, s, m_w, table)
+    else:
+        grad_kernel(flat, row0, stride, None, 0, 0, oflat, orow0, ostride,
+                    np.ascontiguousarray(y), vocab, inv_t, cap, m, s, np.zeros(n), table)

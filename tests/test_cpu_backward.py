@@ -1,0 +1,145 @@
+"""The CPU gradient pass (ptx_numba.cpu.BACKEND.row_grad) against the float64 reference.
+
+The element formula is linear in the coefficients A..E, so random coefficients per row test every
+term; the statistics come from the reference, so only the gradient pass is under test.
+"""
+import numpy as np
+import pytest
+
+from exact import cast
+from ptx_numba import _validate
+from ptx_numba._rowpass import GradCoef, StatsSpec
+from ptx_numba.reference import BACKEND as REFERENCE
+
+cpu = pytest.importorskip("ptx_numba.cpu")
+BACKEND = cpu.BACKEND
+
+SPECS = {
+    "plain": StatsSpec(target=True),
+    "smooth_softcap": StatsSpec(target=True, dsum=True, softcap=30.0, inv_temperature=1.1),
+    "entropy_temperature": StatsSpec(target=True, entropy=True, inv_temperature=1 / 0.7),
+    "pair_target": StatsSpec(target=True, pair=True, inv_temperature=1.25),
+}
+#: out encoding for each logits encoding (and float32 gradients of 16-bit logits)
+CASES = [("float32", np.float32), ("float64", np.float64), ("bfloat16", np.uint16),
+         ("float16", np.int16), ("bfloat16", np.float32)]
+
+
+def encode(z64, dtype):
+    with np.errstate(invalid="ignore", over="ignore"):
+        x, _, _ = _validate.as_host_logits(cast(z64, dtype))
+    return x
+
+
+def rows(rng, vocab):
+    z = rng.standard_normal((8, vocab)) * 3
+    z[1] += 3e4
+    z[2] -= 3e4
+    z[3, vocab // 2] += 60.0
+    z[4, ::5] = -np.inf
+    z[5] = 0.25
+    return z
+
+
+def coefficients(rng, n, pair):
+    c = [rng.standard_normal(n) for _ in range(5)]
+    if not pair:
+        c[4] = None
+    for values in c:
+        if values is not None:
+            values[6] = 0.0  # row 6: every coefficient 0 -> an all-zero gradient row
+    return GradCoef(*c)
+
+
+def as_f64(out):
+    return _validate.decode_to_float64(out)
+
+
+def assert_grad_close(got, want, out_dtype):
+    a, b = as_f64(got), as_f64(want)
+    assert not np.isnan(a).any() and not np.isnan(b).any()
+    finite = np.isfinite(b)  # +-inf where w is -inf under mass of p (an infinite KL)
+    np.testing.assert_array_equal(a[~finite], b[~finite])
+    a, b = np.where(finite, a, 0.0), np.where(finite, b, 0.0)
+    if np.dtype(out_dtype).itemsize == 2:
+        # within one unit in the last place of the 16-bit format: both round once, from values
+        # that differ by float32 rounding, so a value near a midpoint may round either way
+        eps = 2.0**-7 if out_dtype == np.uint16 else 2.0**-10
+        tiny = 2.0**-133 if out_dtype == np.uint16 else 2.0**-24
+        assert np.all(np.abs(a - b) <= eps * np.abs(b) + tiny)
+    else:
+        tol = 1e-10 if out_dtype == np.float64 else 2e-5
+        scale = np.maximum(1.0, np.abs(b).max(axis=1, keepdims=True))
+        assert np.all(np.abs(a - b) <= tol * scale)
+
+
+@pytest.mark.parametrize("dtype,out_dtype", CASES)
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("vocab", [2 * 2048 + 37, 3])
+def test_row_grad_matches_reference(rng, dtype, out_dtype, name, vocab):
+    spec = SPECS[name]
+    z = rows(rng, vocab)
+    x = encode(z, dtype)
+    w = encode(z[:, ::-1] * 0.5 + 1.0, dtype) if spec.pair else None
+    y = rng.integers(0, vocab, len(z)).astype(np.int64)
+    y[0] = -1
+    y[4] = 0  # a label at a -inf logit
+    stats = REFERENCE.row_stats(x, y, spec, w)
+    coef = coefficients(rng, len(z), spec.pair)
+    got = np.full(x.shape, 7, dtype=out_dtype)
+    want = np.empty(x.shape, dtype=out_dtype)
+    BACKEND.row_grad(x, y, spec, stats, coef, got, w)
+    REFERENCE.row_grad(x, y, spec, stats, coef, want, w)
+    assert_grad_close(got, want, out_dtype)
+    assert np.all(as_f64(got)[6] == 0.0)
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [("float32", np.float32), ("bfloat16", np.uint16), ("float16", np.int16)])
+def test_out_may_alias_x_and_strided_rows(rng, dtype, out_dtype):
+    spec = SPECS["plain"]
+    z = rows(rng, 3001)
+    base = encode(z, dtype)
+    y = rng.integers(0, 3001, len(z)).astype(np.int64)
+    stats = REFERENCE.row_stats(base, y, spec)
+    coef = GradCoef(A=np.ones(len(z)), C=-np.ones(len(z)))
+    want = np.empty(base.shape, dtype=out_dtype)
+    REFERENCE.row_grad(base, y, spec, stats, coef, want)
+    inplace = base.copy()
+    BACKEND.row_grad(inplace, y, spec, stats, coef, inplace)  # out is x
+    assert_grad_close(inplace, want, out_dtype)
+    # strided: rows of a wider buffer, written into the rows of another
+    wide = np.zeros((len(z), 3005), dtype=base.dtype)
+    wide[:, 2:3003] = base
+    out_wide = np.zeros((len(z), 3010), dtype=out_dtype)
+    BACKEND.row_grad(wide[:, 2:3003], y, spec, stats, coef, out_wide[:, 5:3006])
+    assert_grad_close(out_wide[:, 5:3006], want, out_dtype)
+    assert np.all(out_wide[:, :5] == 0) and np.all(out_wide[:, 3006:] == 0)  # nothing written outside
+
+
+def test_label_entry_keeps_p_minus_one_in_bfloat16():
+    # p_y = 1 - 3e-4, within a bfloat16 ulp of 1: rounding p_y first would give a 0 gradient
+    z = np.zeros((1, 1000))
+    z[0, 3] = 15.0
+    x = encode(z, "bfloat16")
+    y = np.array([3])
+    stats = REFERENCE.row_stats(x, y, SPECS["plain"])
+    out = np.empty(x.shape, np.uint16)
+    BACKEND.row_grad(x, y, SPECS["plain"], stats, GradCoef(A=np.ones(1), C=-np.ones(1)), out)
+    exact = 1.0 / (1.0 + 999.0 * np.exp(-15.0)) - 1.0
+    assert -4e-4 < exact < -2e-4
+    assert abs(as_f64(out)[0, 3] - exact) <= 2.0**-8 * abs(exact)
+
+
+def test_bad_out_raises_value_errors():
+    x = np.zeros((2, 5), np.float32)
+    y = np.zeros(2, np.int64)
+    stats = REFERENCE.row_stats(x, y, SPECS["plain"])
+    coef = GradCoef(A=np.ones(2))
+    with pytest.raises(ValueError, match="shape"):
+        BACKEND.row_grad(x, y, SPECS["plain"], stats, coef, np.zeros((2, 4), np.float32))
+    ro = np.zeros((2, 5), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        BACKEND.row_grad(x, y, SPECS["plain"], stats, coef, ro)
+    with pytest.raises(ValueError, match="dtype"):
+        BACKEND.row_grad(x, y, SPECS["plain"], stats, coef, np.zeros((2, 5), np.int32))
