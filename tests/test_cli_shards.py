@@ -234,8 +234,9 @@ def make_zarr(rng, path, rows=23, vocab=19, chunk=5, batch=()):
     y = rng.integers(0, vocab, size=(rows,) + batch)
     y.reshape(-1)[3] = -100
     group = zarr.open_group(path, mode="w")
-    group.create_array("logits", shape=x.shape, chunks=(chunk,) + x.shape[1:], dtype=x.dtype)[...] = x
-    group.create_array("labels", shape=y.shape, chunks=(chunk,) + y.shape[1:], dtype=y.dtype)[...] = y
+    # Group.zeros(name=...) is spelled the same in zarr 2 and 3
+    group.zeros(name="logits", shape=x.shape, chunks=(chunk,) + x.shape[1:], dtype=x.dtype)[...] = x
+    group.zeros(name="labels", shape=y.shape, chunks=(chunk,) + y.shape[1:], dtype=y.dtype)[...] = y
     return x, y
 
 
@@ -266,5 +267,5 @@ def test_zarr_checkpoint_resume(capsys, rng, tmp_path):
 def test_zarr_store_without_labels_is_a_clear_error(capsys, rng, tmp_path):
     zarr = pytest.importorskip("zarr")
     store = str(tmp_path / "bad.zarr")
-    zarr.open_group(store, mode="w").create_array("logits", shape=(4, 3), dtype="f4")
+    zarr.open_group(store, mode="w").zeros(name="logits", shape=(4, 3), dtype="f4")
     assert "needs arrays 'logits' and 'labels'" in run_err(capsys, "score", store)

@@ -16,7 +16,7 @@ import numpy as np
 from ._errors import CLIError
 from .npyfile import logits_dtype
 
-_MARKERS = ("zarr.json", ".zgroup", ".zarray")
+_MARKERS = ("zarr.json", ".zgroup")  # a v3 node or a v2 group
 
 
 @dataclass(frozen=True)
