@@ -55,10 +55,10 @@ def check_ignore_index(value: int) -> int:
     return value
 
 
-def resolve_backend(name: str) -> str:
-    """The backend that will actually run on host input (``auto`` resolved), or a CLIError."""
+def resolve_backend(name: str, nbytes: int = 0) -> str:
+    """The backend that runs on host blocks of ``nbytes`` (``auto`` resolved as the API would)."""
     try:
-        return _dispatch.resolve(name, on_device=False).name
+        return _dispatch.resolve(name, on_device=False, nbytes=nbytes).name
     except (ValueError, TypeError, _dispatch.BackendUnavailableError) as exc:
         raise CLIError(str(exc)) from None
 
