@@ -132,9 +132,11 @@ FORK_OMP = """
             assert got is None and msg.startswith("KernelUnavailable"), msg
             assert "GNU OpenMP" in msg and "tbb" in msg and "spawn" in msg and "forkserver" in msg
         # auto: the reference answers (one warning per worker), within the contract
-        for k, got, warned in pool.map_async(ce_auto, [4, 5, 6]).get(timeout=30):
+        results = pool.map_async(ce_auto, [4, 5, 6]).get(timeout=30)
+        for k, got, warned in results:
             check(got, exact(*batch(k)))
             assert all("GNU OpenMP" in w for w in warned)
+        assert any(warned for _, _, warned in results)   # the fallback is never silent
 
     with ProcessPoolExecutor(2, mp_context=ctx) as ex:   # was: BrokenProcessPool
         for k, got, _ in ex.map(ce_auto, [7, 8], timeout=30):
