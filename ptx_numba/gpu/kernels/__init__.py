@@ -17,6 +17,9 @@ from numba import cuda  # under NUMBA_ENABLE_CUDASIM=1 this is the simulator's m
 #: Encodings the kernels read: f32, f64, f16 (IEEE half) and bf16 (bfloat16 bits in uint16).
 ENCODINGS = ("f32", "f64", "f16", "bf16")
 
+#: The element type each encoding is stored as on the device.
+ELEMENT = {"f32": numba.float32, "f64": numba.float64, "f16": numba.types.float16, "bf16": numba.uint16}
+
 #: Logit transforms: ``plain`` (none), ``temp`` (``z * inv_temperature``), ``softcap``
 #: (``c * tanh(z * inv_temperature / c)``). The scale factors are kernel arguments, so a new
 #: temperature never compiles a new kernel; only the kind is compiled in.
