@@ -24,7 +24,8 @@ Where the time goes (measured on a 2-core machine): Numba's typing and lowering 
 device functions, ~5-7 s per kernel when nothing is shared; NVVM ~0.5-0.8 s per capability;
 ptxas ~0.2-0.3 s per target. The kernels' device-function factories are cached, so a worker
 types a shared piece (loaders, block reduction, finish, the scan of a spec) once, and the keys
-are grouped by encoding so that each worker sees the keys that share the most.
+are grouped by encoding so that each worker sees the keys that share the most. The default set
+(82 kernels, 48 inner loops) takes about 175 CPU seconds in all on such a machine.
 """
 from __future__ import annotations
 
