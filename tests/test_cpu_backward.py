@@ -143,3 +143,31 @@ def test_bad_out_raises_value_errors():
         BACKEND.row_grad(x, y, SPECS["plain"], stats, coef, ro)
     with pytest.raises(ValueError, match="dtype"):
         BACKEND.row_grad(x, y, SPECS["plain"], stats, coef, np.zeros((2, 5), np.int32))
+
+
+@pytest.mark.parametrize("dtype,out_dtype", CASES)
+@pytest.mark.parametrize("name", ["plain", "entropy_temperature", "pair_target"])
+def test_shift_off_the_float32_grid_keeps_its_low_part(rng, dtype, out_dtype, name):
+    # The forward's shift is a float64 that is no float32 value (the AVX2 walk's S/K8); at an
+    # offset of 3e4 its float32 rounding alone is up to 1e-3, so the pass must carry the low part
+    # (fast-math reassociation of (z - mh) - ml into z - (mh + ml) would drop it).
+    spec = SPECS[name]
+    z = rng.standard_normal((4, 2 * 2048 + 37)) * 2
+    z[:, 11] += 6.0  # a dominant logit: p near 1 turns a shift error into a gradient error
+    z[0] += 3e4
+    z[1] -= 3e4
+    z[2] += 1234.567
+    x = encode(z, dtype)
+    w = encode(z[:, ::-1] * 0.5 + 1.0, dtype) if spec.pair else None
+    y = np.array([11, 3, 11, 7], dtype=np.int64)
+    stats = REFERENCE.row_stats(x, y, spec, w)
+    # move m by 0.37 of a float32 ulp (s moves with it): the exact gradient does not change
+    step = 0.37 * np.spacing(np.abs(stats.m).astype(np.float32)).astype(np.float64)
+    stats = stats._replace(m=stats.m + step, s=stats.s * np.exp(-step))
+    coef = GradCoef(A=np.ones(4), C=-np.ones(4), B=rng.standard_normal(4) if spec.entropy else None,
+                    E=rng.standard_normal(4) if spec.pair else None)
+    got = np.empty(x.shape, dtype=out_dtype)
+    want = np.empty(x.shape, dtype=out_dtype)
+    BACKEND.row_grad(x, y, spec, stats, coef, got, w)
+    REFERENCE.row_grad(x, y, spec, stats, coef, want, w)
+    assert_grad_close(got, want, out_dtype)

@@ -126,15 +126,33 @@ def _buffer_overload(n, like):
     return lambda n, like: np.empty(n, dtype=np.float32)
 
 
-def _wrel(wchunk, j, mh, ml, kw, cap, ratio):
+def _rel(v, mh, ml, k):
+    """``((v - mh) - ml) * k`` in exactly that order (Numba-only)."""
     raise NotImplementedError
 
 
-@overload(_wrel, jit_options={"fastmath": {"nsz", "arcp", "contract", "afn", "reassoc"}, "cache": True})
-def _wrel_overload(wchunk, j, mh, ml, kw, cap, ratio):
+# No "reassoc" here: with it LLVM rewrites (v - mh) - ml as v - (mh + ml), hoists mh + ml out of
+# the loop and rounds it to mh in float32, dropping the low part (a 1e-3 error in rel at a 3e4
+# offset; tests/test_cpu_backward.py::test_shift_off_the_float32_grid_keeps_its_low_part).
+@overload(_rel, jit_options={"fastmath": {"contract"}, "cache": True})
+def _rel_overload(v, mh, ml, k):
+    return lambda v, mh, ml, k: ((v - mh) - ml) * k
+
+
+def _inner(a, b, e, rel, wchunk, j, wh, wl, kw, cap, ratio):
+    """``A + B rel (+ E (w'_j - m_w))`` in the compute type of ``rel`` (Numba-only)."""
+    raise NotImplementedError
+
+
+@overload(_inner, jit_options={"fastmath": {"nsz", "arcp", "contract", "afn", "reassoc"}, "cache": True})
+def _inner_overload(a, b, e, rel, wchunk, j, wh, wl, kw, cap, ratio):
     if isinstance(wchunk, types.NoneType):
-        return lambda wchunk, j, mh, ml, kw, cap, ratio: 0.0
-    return lambda wchunk, j, mh, ml, kw, cap, ratio: ((tvalue(wchunk[j], cap, ratio) - mh) - ml) * kw
+        # No E term at all: an ``e * 0.0`` with a float64 literal promoted the whole float32
+        # element formula to float64 lanes (half the SIMD width, converts both ways; seen in
+        # inspect_asm), and without "nnan" LLVM may not fold the multiply away.
+        return lambda a, b, e, rel, wchunk, j, wh, wl, kw, cap, ratio: a + b * rel
+    return lambda a, b, e, rel, wchunk, j, wh, wl, kw, cap, ratio: (
+        a + b * rel + e * (_rel(tvalue(wchunk[j], cap, ratio), wh, wl, kw)))
 
 
 def _wfirst(w, like):
@@ -154,9 +172,9 @@ def _chunk_grad(chunk, wchunk, buf, mh, ml, k, wh, wl, kw, inv_s, a, b, d, e, ca
     zero = zero_like(buf[0])
     for j in range(chunk.size):
         v = tvalue(chunk[j], cap, ratio)
-        rel = ((v - mh) - ml) * k
+        rel = _rel(v, mh, ml, k)
         p = fast_exp(rel) * inv_s
-        inner = a + b * rel + e * _wrel(wchunk, j, wh, wl, kw, cap, ratio)
+        inner = _inner(a, b, e, rel, wchunk, j, wh, wl, kw, cap, ratio)
         g = d + (p * inner if p > zero else zero)
         buf[j] = g * dscale(v, cap, inv_t, k)
 
@@ -191,11 +209,11 @@ def grad_kernel(flat, row0, stride, wflat, wrow0, wstride, oflat, orow0, ostride
         g_label = zero_like(like)
         if label >= 0:  # read before the row is overwritten (out may alias x)
             v = tvalue(x[label], cap, ratio)
-            rel = ((v - mh) - ml) * k
+            rel = _rel(v, mh, ml, k)
             p = fast_exp(rel) * inv_s
             g = cd + _cast(c, like)
             if p > zero_like(like):
-                g += p * (ca + cb * rel + ce * _wrel(wrow, label, wh, wl, kw, cap, ratio))
+                g += p * _inner(ca, cb, ce, rel, wrow, label, wh, wl, kw, cap, ratio)
             g_label = g * dscale(v, cap, inv_t, k)
         buf = _buffer(min(CHUNK, vocab), like)
         for start in range(0, vocab, CHUNK):
