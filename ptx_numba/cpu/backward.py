@@ -18,6 +18,8 @@ float32 rounding of ``rel`` itself, not of the offset.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
@@ -27,7 +29,10 @@ from .._rowpass import GradCoef, RowStats, StatsSpec
 from ._jit import CHUNK, jit
 from .moments import _ratio, _slice, kscale, tvalue
 from .rowpass import flat_rows
+from .simd import avx2 as _avx2
+from .simd.gradloop import grad_row
 from .simd.primitives import f32_to_bits, fast_exp, zero_like
+from .simd.shift import K8, S_LIMIT, shift_constants
 
 _U16 = np.uint32(0xFFFF)
 _ROUND = np.uint32(0x7FFF)
@@ -179,6 +184,36 @@ def _chunk_grad(chunk, wchunk, buf, mh, ml, k, wh, wl, kw, inv_s, a, b, d, e, ca
         buf[j] = g * dscale(v, cap, inv_t, k)
 
 
+def _fast_row(x, out, m, s, a, d, wrow, cap, k):
+    """Write the row by :func:`.simd.gradloop.grad_row` when it applies; False if not (Numba-only)."""
+    raise NotImplementedError
+
+
+_FAST_IN = {types.float32: np.float32, types.uint16: np.uint16, types.int16: np.int16}
+
+
+@overload(_fast_row, jit_options={"cache": True})
+def _fast_row_overload(x, out, m, s, a, d, wrow, cap, k):
+    usable = (isinstance(wrow, types.NoneType) and isinstance(cap, types.NoneType)
+              and x.dtype in _FAST_IN and out.dtype in _FAST_IN and _avx2.supports(np.dtype(_FAST_IN[x.dtype])))
+    if not usable:
+        return lambda x, out, m, s, a, d, wrow, cap, k: False
+    limit = (S_LIMIT - 16.0) / float(K8)
+
+    def impl(x, out, m, s, a, d, wrow, cap, k):
+        # no temperature, a finite shift in the loop's range, a positive finite sum
+        if not (k == np.float32(1.0) and abs(m) < limit and s > 0.0 and s < np.inf):
+            return False
+        used, ms, lo, hi, corr = shift_constants(m)
+        # p_j = exp(x_j - m) / s = term_j * corr * exp(used - m) / s, term_j from the loop
+        fa = np.float32(a * (corr * math.exp(used - m) / s))
+        if not abs(fa) < np.inf:
+            return False
+        grad_row(x, out, K8, ms, lo, hi, fa, np.float32(d))
+        return True
+    return impl
+
+
 @jit(parallel=True)
 def grad_kernel(flat, row0, stride, wflat, wrow0, wstride, oflat, orow0, ostride, y, vocab,
                 inv_t, cap, m, s, m_w, coef):
@@ -215,6 +250,10 @@ def grad_kernel(flat, row0, stride, wflat, wrow0, wstride, oflat, orow0, ostride
             if p > zero_like(like):
                 g += p * _inner(ca, cb, ce, rel, wrow, label, wh, wl, kw, cap, ratio)
             g_label = g * dscale(v, cap, inv_t, k)
+        if b == 0.0 and e == 0.0 and _fast_row(x, out, m[row], s[row], a, d, wrow, cap, k):
+            if label >= 0:
+                out[label] = encode(g_label, out[0])
+            continue
         buf = _buffer(min(CHUNK, vocab), like)
         for start in range(0, vocab, CHUNK):
             stop = min(start + CHUNK, vocab)
