@@ -171,3 +171,57 @@ def test_shift_off_the_float32_grid_keeps_its_low_part(rng, dtype, out_dtype, na
     BACKEND.row_grad(x, y, spec, stats, coef, got, w)
     REFERENCE.row_grad(x, y, spec, stats, coef, want, w)
     assert_grad_close(got, want, out_dtype)
+
+
+# --- the hand-written loop (rows with A, C, D only: cross entropy, z-loss, label smoothing) ----
+FAST_CASES = [("float32", np.float32), ("bfloat16", np.uint16), ("float16", np.int16), ("bfloat16", np.float32),
+              ("float16", np.float32), ("float32", np.uint16), ("float32", np.int16), ("float16", np.uint16)]
+
+
+@pytest.mark.parametrize("dtype,out_dtype", FAST_CASES)
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 2 * 2048 + 37])
+def test_rows_without_b_and_e_terms(rng, dtype, out_dtype, vocab):
+    spec = SPECS["plain"]
+    z = rows(rng, vocab)
+    x = encode(z, dtype)
+    y = rng.integers(0, vocab, len(z)).astype(np.int64)
+    y[0] = -1
+    y[4] = 0  # a label at a -inf logit
+    stats = REFERENCE.row_stats(x, y, spec)
+    n = len(z)
+    coef = GradCoef(A=rng.uniform(0.5, 2.0, n), C=-rng.uniform(0.5, 2.0, n), D=rng.standard_normal(n) * 1e-3)
+    coef.A[6] = coef.C[6] = coef.D[6] = 0.0  # an all-zero row
+    got = np.full((n, vocab + 7), 7, dtype=out_dtype)[:, 3:vocab + 3]  # strided, padded rows
+    want = np.empty(x.shape, dtype=out_dtype)
+    BACKEND.row_grad(x, y, spec, stats, coef, got, None)
+    REFERENCE.row_grad(x, y, spec, stats, coef, want, None)
+    assert_grad_close(got, want, out_dtype)
+    assert np.all(as_f64(got)[6] == 0.0)
+    base = got.base
+    assert np.all(base[:, :3] == 7) and np.all(base[:, vocab + 3:] == 7)  # nothing written outside
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [("float32", np.float32), ("bfloat16", np.uint16), ("float16", np.int16)])
+def test_rows_without_b_and_e_terms_special_values(rng, dtype, out_dtype):
+    # NaN and +inf rows (canonical stats: s NaN or m inf) and a shift past the loop's range take
+    # the portable path; in place (out is x) every element is read before it is written
+    spec = SPECS["plain"]
+    z = rng.standard_normal((5, 2049)) * 2
+    z[0, 7] = np.nan
+    z[1, 9] = np.inf
+    z[2] += 5e5 if dtype == "float32" else 0.0
+    z[3, :] = -np.inf
+    z[3, 100] = 1.0
+    z[4, ::2] = -np.inf
+    x = encode(z, dtype)
+    y = np.array([1, 2, 3, 100, 1], dtype=np.int64)
+    stats = REFERENCE.row_stats(x, y, spec)
+    coef = GradCoef(A=np.ones(5), C=-np.ones(5))
+    want = np.empty(x.shape, dtype=out_dtype)
+    with np.errstate(invalid="ignore"):
+        REFERENCE.row_grad(x, y, spec, stats, coef, want, None)
+    got = x.copy() if np.dtype(out_dtype) == x.dtype else np.empty(x.shape, dtype=out_dtype)
+    BACKEND.row_grad(got if got.dtype == x.dtype else x, y, spec, stats, coef, got, None)
+    a, b = as_f64(got), as_f64(want)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    assert_grad_close(got[2:], want[2:], out_dtype)
