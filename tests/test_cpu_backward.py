@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from exact import cast
-from ptx_numba import _validate
+from ptx_numba import _validate, config
 from ptx_numba._rowpass import GradCoef, StatsSpec
 from ptx_numba.reference import BACKEND as REFERENCE
 
@@ -178,9 +178,18 @@ FAST_CASES = [("float32", np.float32), ("bfloat16", np.uint16), ("float16", np.i
               ("float16", np.float32), ("float32", np.uint16), ("float32", np.int16), ("float16", np.uint16)]
 
 
+@pytest.fixture(params=["avx2", "portable"])
+def loop(request, monkeypatch):
+    """The hand-written loop where the host has AVX2, and the portable one."""
+    if request.param == "avx2" and not cpu.uses_avx2(np.dtype(np.float32)):
+        pytest.skip("the AVX2 loop does not run on this CPU")
+    monkeypatch.setattr(config, "CPU_AVX2", None if request.param == "avx2" else False)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype,out_dtype", FAST_CASES)
 @pytest.mark.parametrize("vocab", [1, 15, 16, 17, 2 * 2048 + 37])
-def test_rows_without_b_and_e_terms(rng, dtype, out_dtype, vocab):
+def test_rows_without_b_and_e_terms(loop, rng, dtype, out_dtype, vocab):
     spec = SPECS["plain"]
     z = rows(rng, vocab)
     x = encode(z, dtype)
@@ -202,7 +211,7 @@ def test_rows_without_b_and_e_terms(rng, dtype, out_dtype, vocab):
 
 
 @pytest.mark.parametrize("dtype,out_dtype", [("float32", np.float32), ("bfloat16", np.uint16), ("float16", np.int16)])
-def test_rows_without_b_and_e_terms_special_values(rng, dtype, out_dtype):
+def test_rows_without_b_and_e_terms_special_values(loop, rng, dtype, out_dtype):
     # NaN and +inf rows (canonical stats: s NaN or m inf) and a shift past the loop's range take
     # the portable path; in place (out is x) every element is read before it is written
     spec = SPECS["plain"]

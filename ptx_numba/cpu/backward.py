@@ -15,6 +15,12 @@ still vectorize (LLVM's run-time overlap check sees two distinct ranges).
 Without a softcap the shift is carried in the stored domain as a float32 pair ``mh + ml``
 (``rel = ((z - mh) - ml) * inv_temperature``), so a row at an offset of 3e4 keeps ``rel`` to
 float32 rounding of ``rel`` itself, not of the offset.
+
+Rows with only ``A``, ``C``, ``D`` terms, no temperature and no softcap (cross entropy, z-loss,
+label smoothing) of float32 / bfloat16 / float16 logits with a 32- or 16-bit gradient take the
+hand-written loop of :mod:`.simd.gradloop` instead (AVX2 hosts, unless ``config.CPU_AVX2`` is
+False): the exp-sum loops' term, ``A/s`` and the shift folded into one factor, one pass straight
+into ``out``. The label entry is always formed by the formula above, after the loop.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
+from .. import config
 from .._rowpass import GradCoef, RowStats, StatsSpec
 from ._jit import CHUNK, jit
 from .moments import _ratio, _slice, kscale, tvalue
@@ -216,7 +223,7 @@ def _fast_row_overload(x, out, m, s, a, d, wrow, cap, k):
 
 @jit(parallel=True)
 def grad_kernel(flat, row0, stride, wflat, wrow0, wstride, oflat, orow0, ostride, y, vocab,
-                inv_t, cap, m, s, m_w, coef):
+                inv_t, cap, m, s, m_w, coef, simd):
     """Write every row's gradient (see the module docstring)."""
     n_rows = m.size
     ratio = _ratio(cap, inv_t)
@@ -250,7 +257,7 @@ def grad_kernel(flat, row0, stride, wflat, wrow0, wstride, oflat, orow0, ostride
             if p > zero_like(like):
                 g += p * _inner(ca, cb, ce, rel, wrow, label, wh, wl, kw, cap, ratio)
             g_label = g * dscale(v, cap, inv_t, k)
-        if b == 0.0 and e == 0.0 and _fast_row(x, out, m[row], s[row], a, d, wrow, cap, k):
+        if simd and b == 0.0 and e == 0.0 and _fast_row(x, out, m[row], s[row], a, d, wrow, cap, k):
             if label >= 0:
                 out[label] = encode(g_label, out[0])
             continue
@@ -323,7 +330,8 @@ def row_grad(x: np.ndarray, y: np.ndarray, spec: StatsSpec, stats: RowStats, coe
         wflat, wrow0, wstride = flat_rows(w, "w")
         m_w = np.ascontiguousarray(stats.m_w, dtype=np.float64)
         grad_kernel(flat, row0, stride, wflat, wrow0, wstride, oflat, orow0, ostride,
-                    np.ascontiguousarray(y), vocab, inv_t, cap, m, s, m_w, table)
+                    np.ascontiguousarray(y), vocab, inv_t, cap, m, s, m_w, table, False)
     else:
         grad_kernel(flat, row0, stride, None, 0, 0, oflat, orow0, ostride,
-                    np.ascontiguousarray(y), vocab, inv_t, cap, m, s, np.zeros(n), table)
+                    np.ascontiguousarray(y), vocab, inv_t, cap, m, s, np.zeros(n), table,
+                    config.CPU_AVX2 is not False)
