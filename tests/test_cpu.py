@@ -15,18 +15,10 @@ from ptx_numba._rowpass import StatsSpec
 pytestmark = pytest.mark.skipif(not cpu.BACKEND.is_available()[0], reason="numba unavailable")
 
 
-@pytest.fixture(params=["portable", "avx2", "avx512"])
-def kernel_path(request, monkeypatch):
-    """Run a test on each exp-sum loop: portable, AVX2 and AVX-512 (where the target has them)."""
-    from ptx_numba.cpu.simd import features
-
-    available = features.available()
-    if request.param not in available:
-        pytest.skip(f"the compile target lacks {request.param} (available: {', '.join(available)})")
-    monkeypatch.setattr(config, "CPU_AVX2", None)
-    monkeypatch.setattr(config, "CPU_ISA", request.param)
-    assert cpu.loop_isa(np.dtype(np.float64)) == request.param  # the path this test runs
-    return request.param
+@pytest.fixture
+def kernel_path(cpu_isa):
+    """Run a test on each exp-sum loop (see ``cpu_isa`` in conftest.py)."""
+    return cpu_isa
 
 
 def _exact(z64, labels):

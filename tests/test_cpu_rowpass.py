@@ -27,18 +27,10 @@ SPECS = {
 CHUNK = config.CPU_CHUNK
 
 
-@pytest.fixture(params=["portable", "avx2", "avx512"])
-def loop(request, monkeypatch):
-    """Every loop of the plain walk (the moments walk has one): portable, AVX2, AVX-512."""
-    from ptx_numba.cpu.simd import features
-
-    available = features.available()
-    if request.param not in available:
-        pytest.skip(f"the compile target lacks {request.param} (available: {', '.join(available)})")
-    monkeypatch.setattr(config, "CPU_AVX2", None)
-    monkeypatch.setattr(config, "CPU_ISA", request.param)
-    assert cpu.loop_isa(np.dtype(np.float32)) == request.param  # the path this test runs
-    return request.param
+@pytest.fixture
+def loop(cpu_isa):
+    """Every loop of the plain walk (the moments walk has one; see ``cpu_isa`` in conftest.py)."""
+    return cpu_isa
 
 
 def encode(z64, dtype):

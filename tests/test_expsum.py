@@ -8,12 +8,13 @@ in the test ids; flavours the target cannot run are skipped with the reason (``p
 """
 import math
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from numba import njit
+from numba import njit, types
 
 from ptx_numba.cpu.simd import expsum
 from ptx_numba.cpu.simd import features as isa
@@ -408,3 +409,43 @@ def test_isa_follows_numbas_target_choice(monkeypatch):
 def test_isa_supports():
     assert all(isa.supports("avx512", d) for d in (np.float32, np.float64, np.uint16, np.int16))
     assert not isa.supports("avx512", np.int32) and not isa.supports("avx2", np.float16)
+
+
+def _loop_bodies(asm):
+    """The instructions of every backward-jumping block range of ``asm`` (the loops)."""
+    lines = asm.splitlines()
+    labels = {line.split(":")[0]: i for i, line in enumerate(lines) if re.match(r"^\.LBB\d+_\d+:", line)}
+    bodies = []
+    for i, line in enumerate(lines):
+        jump = re.match(r"^\s+j\w+\s+(\.LBB\d+_\d+)", line)
+        if jump and labels.get(jump.group(1), i) < i:
+            bodies.append("\n".join(lines[labels[jump.group(1)]:i + 1]))
+    return bodies
+
+
+@pytest.mark.skipif("avx512" not in _AVAILABLE, reason="needs an AVX-512 target (where LLVM could emit zmm)")
+@pytest.mark.parametrize("name", ["avx2_8", "avx2_8_f16fix"])
+def test_eight_lane_loops_stay_in_ymm_on_an_avx512_target(name):
+    # A 512-bit instruction in an 8-lane loop (once: the 16-element float16 fpext, a vcvtph2ps
+    # zmm) slows every ymm operation of the loop on Intel cores; the 8-lane loops must have none
+    # (the tail, run once per chunk, may use a 512-bit masked load).
+    chunk_sum = _kernels(name)[1]
+    for dtype in (np.float32, np.float64, np.uint16, np.int16):
+        shift = np.float64(0.0) if dtype == np.float64 else np.float32(0.0)
+        chunk_sum(np.zeros(37, dtype), shift)
+    for sig in chunk_sum.signatures:
+        hot = [body for body in _loop_bodies(chunk_sum.inspect_asm(sig)) if "vfmadd" in body]
+        assert hot and all("ymm" in body and "zmm" not in body for body in hot), sig
+
+
+@pytest.mark.skipif("avx512" not in _AVAILABLE, reason="needs an AVX-512 target")
+def test_sixteen_lane_loop_runs_in_zmm_on_an_avx512_target():
+    chunk_sum = _kernels("avx512_16")[1]
+    for dtype in (np.float32, np.float64, np.uint16, np.int16):
+        shift = np.float64(0.0) if dtype == np.float64 else np.float32(0.0)
+        chunk_sum(np.zeros(37, dtype), shift)
+    for sig in chunk_sum.signatures:
+        hot = [body for body in _loop_bodies(chunk_sum.inspect_asm(sig)) if "vfmadd" in body]
+        assert hot and all("zmm" in body for body in hot), sig
+        if sig[0].dtype != types.float64:  # the table lookup: one vpermps zmm
+            assert any(re.search(r"vpermps\s.*zmm", body) for body in hot), sig
