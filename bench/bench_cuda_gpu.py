@@ -1,303 +1,336 @@
 #!/usr/bin/env python
-"""Forward cross-entropy throughput on a real GPU: ptx_numba's cuda backend against the copy floor,
-PyTorch and (when installed) Liger-Kernel's Triton kernel.
+"""Every op of ptx_numba on a real GPU against PyTorch (and Liger-Kernel where it imports).
 
-Run on a CUDA machine (H100/H200 class), not on the simulator::
+Run on a CUDA machine (H100/H200 class), through the public API only::
 
-    python bench/bench_cuda_gpu.py --csv cuda_bench.csv
+    python bench/bench_cuda_gpu.py --csv results/cuda_bench.csv --log results/cuda_bench.log
+    python bench/bench_cuda_gpu.py --smoke --csv /tmp/smoke.csv   # CUDA simulator, tiny shape
 
-For every vocabulary size ``V`` (default 32000, 128256, 262144) and dtype (float32, bfloat16) it
-builds one ``[N, V]`` logits array on the GPU with ``N`` chosen so the array is about
-``--target-gb`` GB, and times, in the same process on the same array:
+Ops, each on the same GPU tensors for every contender (``ptx_numba`` gets torch CUDA tensors, as a
+training loop would pass them):
 
-* ``copy``: a device-to-device copy of the same bytes, the bandwidth floor. Its GB/s counts the
-  bytes read **and** written (2 x nbytes), i.e. the memory traffic the copy moves.
-* ``ptx_numba``: ``ptx_numba.cross_entropy(logits, labels, reduction="none", backend="cuda")``,
-  the public call, validation and the label check included.
-* ``torch``: ``torch.nn.functional.cross_entropy(logits, labels, reduction="none")``.
-* ``liger``: ``LigerCrossEntropyLoss(reduction="none")`` if ``liger_kernel`` imports. Its forward
-  also writes the gradient into the logits buffer, so it gets a fresh clone before every call
-  (outside the timed region).
+============================  =================================================================
+``cross_entropy``             forward, mean over rows (torch: ``F.cross_entropy``)
+``cross_entropy_and_grad``    forward + gradient into a preallocated device buffer (torch: the
+                              forward and ``backward()`` through autograd)
+``token_logprobs_entropy``    log-prob of each token and the entropy per row, one pass (torch:
+                              ``log_softmax`` + ``gather`` + the entropy sum)
+``kl_divergence``             exact KL per row between two logit sets (torch: two
+                              ``log_softmax`` and the sum)
+``kl_penalty_k3``             the k3 estimator per token (torch: two ``log_softmax``, gathers)
+``linear_cross_entropy``      ``ptx_numba.torch.linear_cross_entropy`` forward + backward from
+                              hidden states ``[N, D]`` and an LM head ``[V, D]`` (torch:
+                              ``F.cross_entropy(h @ W.T, y)`` forward + backward)
+``copy``                      a device-to-device copy of the logits, the bandwidth ceiling
+============================  =================================================================
 
-A cross entropy's GB/s counts the logits bytes **read** once (nbytes); ``pct_of_floor`` compares it
-with the copy's GB/s. Each time is the median of ``--repeats`` calls after ``--warmup`` calls,
-measured with CUDA events on the default stream. Results go to ``--csv`` with columns
-``op,backend,dtype,N,V,threads,machine,seconds,gbps,pct_of_floor`` and to a printed table; the
-versions (numba-cuda, torch, driver) are printed and written to ``<csv>.versions.txt``.
-
-Without torch, the data is made with NumPy and bfloat16 goes to ptx_numba's launcher directly
-(the public API reads bfloat16 only from torch tensors); the torch and liger rows are skipped.
+Timing: each call is followed by a device synchronize and timed with ``perf_counter`` (so the
+public call's host work, validation and the float64 finish included); the median of
+``--repeats`` calls after ``--warmup`` calls. ``gbps`` counts the fewest bytes the op must move
+(each logit set read once; the gradient written once; the copy reads and writes), over the
+median time; ``pct_of_peak_bw`` compares it with ``--peak-gbps`` (the H200 datasheet's 4800 GB/s
+by default); ``vs_torch`` is torch's time over the contender's (above 1: faster than torch);
+``rel_diff_vs_torch`` the largest relative difference of the result from torch's (a sanity check,
+not the accuracy contract, which the tests hold against float64).
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import importlib.metadata
+import datetime
 import os
+import platform
 import statistics
-import subprocess
 import sys
-from typing import Any, Callable
+import time
 
-import numpy as np
+COLUMNS = ("op", "dtype", "rows", "vocab", "contender", "ms", "gbps", "pct_of_peak_bw", "vs_torch",
+           "rel_diff_vs_torch", "machine", "date")
+OPS = ("copy", "cross_entropy", "cross_entropy_and_grad", "token_logprobs_entropy", "kl_divergence",
+       "kl_penalty_k3", "linear_cross_entropy")
 
-if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-    sys.exit("bench_cuda_gpu.py needs a real GPU; unset NUMBA_ENABLE_CUDASIM")
 
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="4096x128256,16384x128256", help="ROWSxVOCAB,...")
+    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--ops", default=",".join(OPS))
+    ap.add_argument("--hidden-dim", type=int, default=2048, help="D of linear_cross_entropy")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--peak-gbps", type=float, default=4800.0)
+    ap.add_argument("--csv", default="cuda_bench.csv")
+    ap.add_argument("--log", default=None, help="also write the printed lines here")
+    ap.add_argument("--machine", default=None)
+    ap.add_argument("--smoke", action="store_true",
+                    help="run on the CUDA simulator with a tiny shape (checks the script, times nothing real)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.shapes, args.dtypes, args.warmup, args.repeats = "6x97", "float32", 0, 1
+        args.hidden_dim = 8
+    return args
+
+
+ARGS = parse(sys.argv[1:])
+if ARGS.smoke:
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"  # before numba is imported
+    os.environ["PTX_NUMBA_CUDA_TPB"] = "32"  # the simulator runs a Python thread per GPU thread
+elif os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+    sys.exit("bench_cuda_gpu.py times a real GPU; unset NUMBA_ENABLE_CUDASIM (or pass --smoke)")
+
+import numpy as np  # noqa: E402
 from numba import cuda  # noqa: E402
 
-
-
-
-
 import ptx_numba as pn  # noqa: E402
-from ptx_numba import config  # noqa: E402
 
 try:
     import torch
     import torch.nn.functional as F
-except ImportError:  # the benchmark still runs ptx_numba and the copy floor
-    torch = None
+except ImportError:  # pragma: no cover - the bench needs torch for its inputs
+    sys.exit("bench_cuda_gpu.py needs torch (its tensors are the inputs of every contender)")
 
-FIELDS = ["op", "backend", "dtype", "N", "V", "threads", "machine", "seconds", "gbps", "pct_of_floor"]
+try:
+    from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+except Exception:  # not installed (or no Triton): those rows are skipped
+    LigerCrossEntropyLoss = LigerFusedLinearCrossEntropyLoss = None
 
-
-# ------------------------------------------------------------------------------------------------
-# environment
-# ------------------------------------------------------------------------------------------------
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
+ON_GPU = not ARGS.smoke and torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+LINES: list[str] = []
 
 
-def gpu_name() -> str:
-    name = cuda.get_current_device().name
-    return name.decode() if isinstance(name, bytes) else str(name)
+def say(line: str) -> None:
+    print(line, flush=True)
+    LINES.append(line)
 
 
-def versions() -> dict[str, str]:
-    try:
-        driver = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=30,
-        ).stdout.strip().splitlines()[0]
-    except Exception as exc:  # nvidia-smi missing: keep going
-        driver = f"unknown ({type(exc).__name__})"
-    cc = cuda.get_current_device().compute_capability
-    return {
-        "gpu": gpu_name(),
-        "compute_capability": f"{cc[0]}.{cc[1]}",
-        "driver": driver,
-        "numba": _version("numba"),
-        "numba-cuda": _version("numba-cuda"),
-        "ptx_numba": pn.__version__,
-        "torch": torch.__version__ if torch is not None else "not installed",
-        "torch_cuda": (torch.version.cuda or "none") if torch is not None else "-",
-        "liger-kernel": _version("liger-kernel"),
-        "triton": _version("triton"),
-    }
-
-
-def load_liger() -> tuple[Any, str]:
-    """``(LigerCrossEntropyLoss instance or None, note)``."""
-    if torch is None:
-        return None, "liger skipped: torch is not installed"
-    try:
-        from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
-    except Exception as exc:
-        try:
-            from liger_kernel.transformers import LigerCrossEntropyLoss
-        except Exception:
-            return None, f"liger skipped: liger_kernel is not importable ({type(exc).__name__}: {exc})"
-    try:
-        return LigerCrossEntropyLoss(reduction="none"), "liger: reduction='none'"
-    except Exception as exc:  # older versions support only mean/sum
-        return LigerCrossEntropyLoss(reduction="sum"), f"liger: reduction='sum' (none refused: {exc})"
-
-
-# ------------------------------------------------------------------------------------------------
-# timing
-# ------------------------------------------------------------------------------------------------
-def _events():
-    if torch is not None:
-        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    return cuda.event(timing=True), cuda.event(timing=True)
-
-
-def _elapsed_s(start, stop) -> float:
-    stop.synchronize()
-    if torch is not None:
-        return start.elapsed_time(stop) / 1e3
-    return cuda.event_elapsed_time(start, stop) / 1e3
-
-
-def time_op(fn: Callable[[], Any], warmup: int, repeats: int, before: Callable[[], Any] | None = None) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls (CUDA events, default stream)."""
-    for _ in range(warmup):
-        if before is not None:
-            before()
-        fn()
+def sync() -> None:
+    if ON_GPU:
+        torch.cuda.synchronize()
     cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        if before is not None:
-            before()
-        start, stop = _events()
-        start.record()
+
+
+def median_ms(fn, setup=None) -> float:
+    """Median wall time of ``fn()`` (ms), each call synchronized; ``setup()`` runs untimed first."""
+    for _ in range(ARGS.warmup):
+        if setup:
+            setup()
         fn()
-        stop.record()
-        times.append(_elapsed_s(start, stop))
-    return statistics.median(times)
+    sync()
+    times = []
+    for _ in range(ARGS.repeats):
+        if setup:
+            setup()
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
 
 
-# ------------------------------------------------------------------------------------------------
-# data
-# ------------------------------------------------------------------------------------------------
-def make_batch(n: int, v: int, dtype: str, seed: int):
-    """``(logits, labels)`` on the GPU: torch tensors when torch is there, else numba arrays."""
-    if torch is not None:
-        gen = torch.Generator(device="cuda").manual_seed(seed)
-        tdt = torch.float32 if dtype == "float32" else torch.bfloat16
-        logits = (torch.randn(n, v, device="cuda", generator=gen) * 3).to(tdt)
-        labels = torch.randint(0, v, (n,), device="cuda", generator=gen)
-        labels[::17] = -100
-        return logits, labels
-    rng = np.random.default_rng(seed)
-    z = (rng.standard_normal((n, v), dtype=np.float32) * 3)
-    if dtype == "bfloat16":  # round to nearest even, keep the top 16 bits
-        bits = z.view(np.uint32)
-        z = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    labels = rng.integers(0, v, n)
-    labels[::17] = -100
-    return cuda.to_device(z), cuda.to_device(labels)
+def host(x) -> np.ndarray:
+    """Any result (float, device array, tensor) as float64 NumPy."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().cpu().numpy()
+    if hasattr(x, "copy_to_host"):
+        return np.asarray(x.copy_to_host(), dtype=np.float64)
+    return np.asarray(x, dtype=np.float64)
 
 
-def nbytes_of(x) -> int:
-    return x.numel() * x.element_size() if torch is not None else x.size * x.dtype.itemsize
+def rel_diff(got, want) -> float:
+    g, w = host(got), host(want)
+    with np.errstate(invalid="ignore"):
+        return float(np.max(np.abs(g - w) / np.maximum(1.0, np.abs(w)), initial=0.0))
 
 
-# ------------------------------------------------------------------------------------------------
-# contenders
-# ------------------------------------------------------------------------------------------------
-def run_case(v: int, dtype: str, args, machine: str, liger, notes: list[str]) -> list[dict]:
-    itemsize = 4 if dtype == "float32" else 2
-    n = max(1, int(args.target_gb * 1e9) // (v * itemsize))
-    logits, labels = make_batch(n, v, dtype, args.seed)
-    nbytes = nbytes_of(logits)
-    rows: list[dict] = []
-
-    def add(op, backend, seconds, traffic, threads="-"):
-        rows.append(dict(op=op, backend=backend, dtype=dtype, N=n, V=v, threads=threads, machine=machine,
-                         seconds=seconds, gbps=traffic / seconds / 1e9, pct_of_floor=None))
-
-    # bandwidth floor: one device-to-device copy (read + write)
-    if torch is not None:
-        dst = torch.empty_like(logits)
-        t = time_op(lambda: dst.copy_(logits), args.warmup, args.repeats)
-    else:
-        dst = cuda.device_array_like(logits)
-        t = time_op(lambda: dst.copy_to_device(logits), args.warmup, args.repeats)
-    dst = None  # free the copy before the next contender
-    add("d2d_copy", "copy", t, 2 * nbytes)
-    floor = rows[-1]["gbps"]
-
-    # ptx_numba (public API), one row per block size
-    for tpb in args.threads:
-        config.CUDA_THREADS_PER_BLOCK = tpb
-        if torch is None and dtype == "bfloat16":
-            from ptx_numba import gpu as backend  # the public API reads bf16 from torch only
-
-            def call(backend=backend):
-                out = cuda.device_array(n, dtype=np.float32)
-                backend._run_rows(logits, "bf16", n, labels, -100, out)
-                return out
-
-            name = "ptx_numba(launcher)"
-        else:
-
-            def call():
-                return pn.cross_entropy(logits, labels, reduction="none", backend="cuda")
-
-            name = "ptx_numba"
-        t = time_op(call, args.warmup, args.repeats)
-        add("ce_forward", name, t, nbytes, threads=tpb)
-        if torch is not None and tpb == args.threads[0]:
-            got = torch.as_tensor(call(), device="cuda").double()
-            want = F.cross_entropy(logits.double(), labels, reduction="none")
-            err = ((got - want).abs() / want.abs().clamp_min(1.0)).max().item()
-            notes.append(f"V={v} {dtype}: ptx_numba vs float64 torch, max rel err {err:.2e}")
-
-    if torch is not None:
-        t = time_op(lambda: F.cross_entropy(logits, labels, reduction="none"), args.warmup, args.repeats)
-        add("ce_forward", "torch", t, nbytes)
-        if liger is not None:
-            work = torch.empty_like(logits)
-            t = time_op(lambda: liger(work, labels), args.warmup, args.repeats, before=lambda: work.copy_(logits))
-            work = None
-            add("ce_forward", "liger", t, nbytes)
-
-    for r in rows:
-        if r["op"] != "d2d_copy":
-            r["pct_of_floor"] = 100.0 * r["gbps"] / floor
-    logits = labels = None  # free the batch before the next shape
-    if torch is not None:
-        torch.cuda.empty_cache()
-    return rows
+def logits_input(t: torch.Tensor):
+    """What ptx_numba gets: the CUDA tensor itself, or on the simulator a numba device array."""
+    if ON_GPU:
+        return t
+    if t.dtype == torch.bfloat16:
+        return cuda.to_device(t.view(torch.int16).numpy().view(np.uint16))
+    return cuda.to_device(t.numpy())
 
 
-# ------------------------------------------------------------------------------------------------
-# main
-# ------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--csv", required=True, help="where to write the results (CSV)")
-    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 262144])
-    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
-    p.add_argument("--target-gb", type=float, default=2.0, help="logits size per case, GB (1e9 bytes)")
-    p.add_argument("--threads", type=int, nargs="+", default=[config.CUDA_THREADS_PER_BLOCK],
-                   help="ptx_numba threads per block to try (multiples of 32)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+def contenders(op: str, z: torch.Tensor, r: torch.Tensor, y: torch.Tensor, dim: int):
+    """``[(name, fn, result_fn, setup)]`` for one op; ``result_fn()`` gives the value to compare."""
+    zi, ri = logits_input(z), logits_input(r)
+    yi = y if ON_GPU else y.numpy()
+    out = {}
+    if op == "copy":
+        buf = torch.empty_like(z)
+        return [("torch", lambda: buf.copy_(z), None, None)]
+    if op == "cross_entropy":
+        run_p = lambda: out.__setitem__("p", pn.cross_entropy(zi, yi))  # noqa: E731
+        run_t = lambda: out.__setitem__("t", F.cross_entropy(z, y))  # noqa: E731
+        rows = [("ptx_numba", run_p, lambda: out["p"], None), ("torch", run_t, lambda: out["t"], None)]
+        if LigerCrossEntropyLoss is not None and ON_GPU:
+            liger = LigerCrossEntropyLoss()
+            clone = {}
+            rows.append(("liger", lambda: out.__setitem__("l", liger(clone["z"], y)), lambda: out["l"],
+                         lambda: clone.__setitem__("z", z.clone())))  # its forward writes into z
+        return rows
+    if op == "cross_entropy_and_grad":
+        g = cuda.device_array(zi.shape, dtype=zi.dtype) if not ON_GPU else torch.empty_like(z)
+        run_p = lambda: out.__setitem__("p", pn.cross_entropy_and_grad(zi, yi, out=g)[1])  # noqa: E731
+        leaf = {}
 
-    if not cuda.is_available():
-        print("no CUDA GPU visible to numba; nothing to measure", file=sys.stderr)
-        return 2
-    info = versions()
-    machine = info["gpu"]
-    liger, liger_note = load_liger()
-    notes = [liger_note, "GB/s: CE counts logits bytes read; d2d_copy counts bytes read + written"]
+        def run_t():
+            x = leaf["x"]
+            F.cross_entropy(x, y).backward()
+            out["t"] = x.grad
 
-    rows: list[dict] = []
-    for v in args.vocab:
-        for dtype in args.dtypes:
-            rows.extend(run_case(v, dtype, args, machine, liger, notes))
-            print(f"done V={v} {dtype}", file=sys.stderr)
+        def fresh():
+            leaf["x"] = z.detach().clone().requires_grad_()
 
-    with open(args.csv, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**r, "seconds": f"{r['seconds']:.6e}", "gbps": f"{r['gbps']:.1f}",
-                        "pct_of_floor": "" if r["pct_of_floor"] is None else f"{r['pct_of_floor']:.1f}"})
-    with open(args.csv + ".versions.txt", "w") as fh:
-        fh.writelines(f"{k}: {val}\n" for k, val in info.items())
-        fh.writelines(f"note: {n}\n" for n in notes)
+        rows = [("ptx_numba", run_p, lambda: out["p"], None), ("torch", run_t, lambda: out["t"], fresh)]
+        if LigerCrossEntropyLoss is not None and ON_GPU:
+            liger = LigerCrossEntropyLoss()
 
-    print("versions: " + ", ".join(f"{k}={val}" for k, val in info.items()))
-    header = f"{'op':<11}{'backend':<21}{'dtype':<10}{'N':>7}{'V':>8}{'tpb':>5}{'ms':>10}{'GB/s':>9}{'% floor':>9}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        pct = "" if r["pct_of_floor"] is None else f"{r['pct_of_floor']:.1f}"
-        print(f"{r['op']:<11}{r['backend']:<21}{r['dtype']:<10}{r['N']:>7}{r['V']:>8}{str(r['threads']):>5}"
-              f"{r['seconds'] * 1e3:>10.3f}{r['gbps']:>9.1f}{pct:>9}")
-    for n in notes:
-        print("note:", n)
-    print(f"wrote {args.csv}")
+            def run_l():
+                x = leaf["x"]
+                liger(x, y).backward()
+                out["l"] = x.grad
+
+            rows.append(("liger", run_l, lambda: out["l"], fresh))
+        return rows
+    if op == "token_logprobs_entropy":
+        def run_t():
+            lp = F.log_softmax(z.float(), dim=-1)
+            out["t"] = torch.where(y >= 0, lp.gather(-1, y.clamp_min(0)[:, None])[:, 0], 0.0)
+            out["te"] = -(lp.exp() * lp).sum(-1)
+
+        run_p = lambda: out.__setitem__("p", pn.token_logprobs(zi, yi, return_entropy=True)[0])  # noqa: E731
+        return [("ptx_numba", run_p, lambda: out["p"], None), ("torch", run_t, lambda: out["t"], None)]
+    if op == "kl_divergence":
+        def run_t():
+            lp, lq = F.log_softmax(z.float(), dim=-1), F.log_softmax(r.float(), dim=-1)
+            out["t"] = (lp.exp() * (lp - lq)).sum(-1)
+
+        run_p = lambda: out.__setitem__("p", pn.kl_divergence(zi, ri))  # noqa: E731
+        return [("ptx_numba", run_p, lambda: out["p"], None), ("torch", run_t, lambda: out["t"], None)]
+    if op == "kl_penalty_k3":
+        def run_t():
+            yc = y.clamp_min(0)[:, None]
+            lp = F.log_softmax(z.float(), dim=-1).gather(-1, yc)[:, 0]
+            lq = F.log_softmax(r.float(), dim=-1).gather(-1, yc)[:, 0]
+            d = lp - lq
+            out["t"] = torch.where(y >= 0, torch.exp(-d) - 1.0 + d, 0.0)
+
+        run_p = lambda: out.__setitem__("p", pn.kl_penalty(zi, ri, yi, estimator="k3"))  # noqa: E731
+        return [("ptx_numba", run_p, lambda: out["p"], None), ("torch", run_t, lambda: out["t"], None)]
+    if op == "linear_cross_entropy":
+        import ptx_numba.torch as pnt
+
+        n, vocab = z.shape
+        gen = torch.Generator(device=DEVICE).manual_seed(1)
+        h0 = torch.randn(n, dim, device=DEVICE, generator=gen).to(z.dtype)
+        w0 = (torch.randn(vocab, dim, device=DEVICE, generator=gen) * dim ** -0.5).to(z.dtype)
+        leaf = {}
+
+        def fresh():
+            leaf["h"], leaf["w"] = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+
+        def run_p():
+            h, w = leaf["h"], leaf["w"]
+            kw = {} if ON_GPU else {"backend": "cuda"}
+            pnt.linear_cross_entropy(h, w, y, **kw).backward()
+            out["p"] = h.grad
+
+        def run_t():
+            h, w = leaf["h"], leaf["w"]
+            F.cross_entropy((h @ w.T).float(), y).backward()
+            out["t"] = h.grad
+
+        rows = [("ptx_numba", run_p, lambda: out["p"], fresh), ("torch", run_t, lambda: out["t"], fresh)]
+        if LigerFusedLinearCrossEntropyLoss is not None and ON_GPU:
+            liger = LigerFusedLinearCrossEntropyLoss()
+
+            def run_l():
+                h, w = leaf["h"], leaf["w"]
+                liger(w, h, y).backward()
+                out["l"] = h.grad
+
+            rows.append(("liger", run_l, lambda: out["l"], fresh))
+        return rows
+    raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+
+
+def min_bytes(op: str, n: int, v: int, itemsize: int) -> int | None:
+    """The fewest bytes of device memory the op must move (None: matmul-bound, not counted)."""
+    one = n * v * itemsize
+    return {"copy": 2 * one, "cross_entropy": one, "cross_entropy_and_grad": 2 * one,
+            "token_logprobs_entropy": one, "kl_divergence": 2 * one, "kl_penalty_k3": 2 * one}.get(op)
+
+
+def machine_name() -> str:
+    if ARGS.machine:
+        return ARGS.machine
+    if ON_GPU:
+        return torch.cuda.get_device_name()
+    return f"CUDA simulator on {platform.machine()}"
+
+
+def main() -> int:
+    dtypes = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+    shapes = [tuple(int(p) for p in s.lower().split("x")) for s in ARGS.shapes.split(",")]
+    ops = [o.strip() for o in ARGS.ops.split(",") if o.strip()]
+    for op in ops:
+        if op not in OPS:
+            sys.exit(f"unknown op {op!r}; expected one of {OPS}")
+    machine, date = machine_name(), datetime.date.today().isoformat()
+    say(f"# machine: {machine}; torch {torch.__version__}; ptx_numba {getattr(pn, '__version__', '?')}; "
+        f"liger: {'yes' if LigerCrossEntropyLoss is not None else 'not installed'}; smoke: {ARGS.smoke}")
+    rows = []
+    for n, v in shapes:
+        for dname in ARGS.dtypes.split(","):
+            dt = dtypes[dname.strip()]
+            gen = torch.Generator(device=DEVICE).manual_seed(n * 31 + v)
+            z = (torch.randn(n, v, device=DEVICE, generator=gen) * 4).to(dt)
+            r = (z.float() + torch.randn(n, v, device=DEVICE, generator=gen)).to(dt)
+            y = torch.randint(0, v, (n,), device=DEVICE, generator=gen)
+            y[::17] = -100  # some ignored rows, as a real batch has
+            itemsize = z.element_size()
+            for op in ops:
+                found = {}
+                for name, fn, result, setup in contenders(op, z, r, y, ARGS.hidden_dim):
+                    try:
+                        ms = median_ms(fn, setup)
+                    except Exception as exc:  # one contender failing must not lose the others
+                        say(f"{op} {dname} [{n}, {v}] {name}: FAILED {type(exc).__name__}: {exc}")
+                        continue
+                    found[name] = (ms, result() if result else None)
+                torch_ms = found.get("torch", (None,))[0]
+                want = found.get("torch", (None, None))[1]
+                nbytes = min_bytes(op, n, v, itemsize)
+                for name, (ms, value) in found.items():
+                    gbps = nbytes / (ms * 1e-3) / 1e9 if nbytes else None
+                    row = {"op": op, "dtype": dname, "rows": n, "vocab": v, "contender": name,
+                           "ms": f"{ms:.4f}", "gbps": "" if gbps is None else f"{gbps:.1f}",
+                           "pct_of_peak_bw": "" if gbps is None else f"{100 * gbps / ARGS.peak_gbps:.1f}",
+                           "vs_torch": f"{torch_ms / ms:.3f}" if torch_ms else "",
+                           "rel_diff_vs_torch": (f"{rel_diff(value, want):.2e}"
+                                                 if value is not None and want is not None and name != "torch"
+                                                 else ""),
+                           "machine": machine, "date": date}
+                    rows.append(row)
+                    say(f"{op:24s} {dname:9s} [{n}, {v}] {name:10s} {row['ms']:>10s} ms "
+                        f"{row['gbps']:>8s} GB/s {row['pct_of_peak_bw']:>6s}% x{row['vs_torch']:>6s} vs torch "
+                        f"diff {row['rel_diff_vs_torch']}")
+                del found
+            del z, r, y
+            if ON_GPU:
+                torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(os.path.abspath(ARGS.csv)), exist_ok=True)
+    with open(ARGS.csv, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    say(f"# wrote {len(rows)} rows to {ARGS.csv}")
+    if ARGS.log:
+        with open(ARGS.log, "w") as fh:
+            fh.write("\n".join(LINES) + "\n")
     return 0
 
 

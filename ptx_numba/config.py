@@ -4,6 +4,28 @@ Nothing here is computed at import time beyond reading environment variables.
 """
 import os
 
+
+class EnvInt:
+    """An integer tunable read from an environment variable, checked when it is used.
+
+    A bad value must not break ``import ptx_numba`` (or ``ptx-numba --version``): ``int()`` of it
+    raises a ``ValueError`` that names the variable, at the first use of the setting.
+    """
+
+    def __init__(self, name: str, default: int):
+        self.name, self.raw, self.default = name, os.environ.get(name), default
+
+    def __int__(self) -> int:
+        if self.raw is None or not self.raw.strip():
+            return self.default
+        try:
+            return int(self.raw)
+        except ValueError:
+            raise ValueError(f"environment variable {self.name}={self.raw!r} is not an integer") from None
+
+    def __repr__(self) -> str:
+        return f"EnvInt({self.name}={self.raw!r}, default={self.default})"
+
 #: Environment variable that overrides ``backend="auto"`` (e.g. ``PTX_NUMBA_BACKEND=reference``).
 BACKEND_ENV_VAR = "PTX_NUMBA_BACKEND"
 
@@ -46,11 +68,11 @@ CPU_MIN_SEGMENT = 16384
 
 # --- CUDA kernel ------------------------------------------------------------------------------
 #: Threads per block for the row-per-block kernel (a multiple of 32). Tests shrink it.
-CUDA_THREADS_PER_BLOCK = int(os.environ.get("PTX_NUMBA_CUDA_TPB", "256"))
+CUDA_THREADS_PER_BLOCK = EnvInt("PTX_NUMBA_CUDA_TPB", 256)
 
 #: Cap on the grid size (blocks). Rows beyond it are taken by a grid-stride loop, and each block
 #: makes one atomic add for all its rows, so the cap also bounds atomic traffic. Tests shrink it.
-CUDA_MAX_BLOCKS = int(os.environ.get("PTX_NUMBA_CUDA_MAX_BLOCKS", "4096"))
+CUDA_MAX_BLOCKS = EnvInt("PTX_NUMBA_CUDA_MAX_BLOCKS", 4096)
 
 #: Block reduction: None (auto) = warp shuffles on a real GPU; False = shared-memory tree. The
 #: simulator always uses the tree (it has no warp shuffles). Read at call time.

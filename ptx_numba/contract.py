@@ -2,7 +2,8 @@
 
 * float32, bfloat16 and float16 logits: every per-row result within :data:`TOL_FLOAT32` of the
   float64 value, relative to ``max(1, |exact|)``, on any input; float64 logits within
-  :data:`TOL_FLOAT64`.
+  :data:`TOL_FLOAT64`. With two logit sets (KL, ``kl_penalty``), the float64 bound needs both sets
+  in float64; otherwise the float32 bound applies.
 * Cancellation-free forms: ``ce = log s - (z_y - m)`` with ``s = sum_j exp(z_j - m)``, never
   ``lse - z_y``; entropy ``log s - t/s``; KL ``u/s - log s + log s_w`` (the row-pass moments of
   :mod:`ptx_numba._rowpass`). Every reduction ends in float64.

@@ -1,15 +1,31 @@
-"""Compile every cuda kernel variant to PTX and SASS without a GPU (run as a script, not by pytest).
+"""Compile the cuda kernels to PTX and SASS without a GPU (run as a script, not by pytest).
 
-Usage: ``NUMBA_ENABLE_CUDASIM=0 python tests/gpu_sass_compile.py OUT.json [--full]``
+Usage: ``NUMBA_ENABLE_CUDASIM=0 python tests/gpu_sass_compile.py OUT.json [--full] [--jobs N]``
 
-For each variant it compiles the kernel with ``numba.cuda.compile_ptx`` for cc 8.0 and 9.0 (no
-driver needed), assembles the PTX with ``ptxas -v`` for sm_80 and sm_90, and records registers,
-spill bytes and errors (the cc 8.0 PTX is assembled for both). The default set covers every
-encoding, rank, reduction, transform and moment; ``--full`` compiles every spec the ops use in
-every transform (about four times as long). The
-inner loops (the statistics scan and the gradient row loop, compiled alone as device functions)
-are scanned for float64 arithmetic. ``tests/test_gpu_sass.py`` runs this in a subprocess because
-the test session runs on the CUDA simulator.
+Which kernels: :mod:`ptx_numba.gpu.kernels.variants` lists every key the public ops can launch,
+and a key is exactly one compiled kernel (the kernels are compiled for a single signature of 3-D
+arrays of any layout: rank, shapes, strides, labels, temperature and softcap values are runtime
+arguments). The default set is every key of the default thread count with the warp-shuffle
+reduction (what a GPU runs), plus the shared-memory tree reduction for every statistics spec in
+float32 and float64 (the reduction is a device function that depends on the accumulation type
+and the moments only, not on the encoding, so f16/bf16 with the tree reuse the f32 code). Pairs
+of logit sets are compiled with both sets in one encoding: the second set goes through the same
+loader as a first set of its encoding, which the default set compiles. ``--full`` adds the tree
+reduction for every key and every mixed pair of encodings.
+
+For each kernel: NVVM PTX for compute capability 8.0, assembled by ``ptxas -v`` for sm_80 and
+sm_90 (registers, spill bytes, errors); for the bfloat16 kernels (and every kernel with
+``--full``) NVVM PTX for 9.0 too, assembled for sm_90. The inner loops (the statistics scan
+and the gradient row loop, device functions of their own) are scanned for float64 arithmetic in
+their own PTX. ``tests/test_gpu_sass.py`` runs this in a subprocess because the test session
+runs on the CUDA simulator.
+
+Where the time goes (measured on a 2-core machine): Numba's typing and lowering of a kernel's
+device functions, ~5-7 s per kernel when nothing is shared; NVVM ~0.5-0.8 s per capability;
+ptxas ~0.2-0.3 s per target. The kernels' device-function factories are cached, so a worker
+types a shared piece (loaders, block reduction, finish, the scan of a spec) once, and the keys
+are grouped by encoding so that each worker sees the keys that share the most. The default set
+(82 kernels, 48 inner loops) takes about 175 CPU seconds in all on such a machine.
 """
 from __future__ import annotations
 
@@ -20,21 +36,22 @@ import subprocess
 import sys
 import tempfile
 import time
-
-if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
-    sys.exit("run with NUMBA_ENABLE_CUDASIM=0: the simulator does not generate code")
-
-from numba import cuda, types  # noqa: E402
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 
 CCS = ((8, 0), (9, 0))
 F64_OP = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:(?:add|sub|mul|fma|div|max|min|neg|abs|sqrt|rcp|ex2|lg2)"
                     r"[.\w]*\.f64|cvt(?:\.\w+)?\.f64\.\w+)\b", re.M)
 PTXAS_REG = re.compile(r"Used (\d+) registers")
 PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+#: Encodings whose kernels also get NVVM PTX for cc 9.0 in the default set.
+CC90_ENCODINGS = ("bf16",)
 
 
 def answer_compute_capability(cc=(9, 0)):
     """Typing calls of device functions asks the current device for its compute capability."""
+    from numba import cuda
+
     dispatcher = sys.modules[cuda.jit.__module__.rsplit(".", 1)[0] + ".dispatcher"]
 
     class _Device:
@@ -54,82 +71,24 @@ def ptxas_path() -> str:
     raise FileNotFoundError("ptxas not found under the nvidia wheels (pip install nvidia-cuda-nvcc)")
 
 
-ELEM = {"f32": types.float32, "f64": types.float64, "f16": types.float16, "bf16": types.uint16}
+def jobs_for(full: bool) -> list[tuple[str, tuple, bool]]:
+    """``(family, key, with cc 9.0 PTX)`` of every kernel to compile."""
+    from ptx_numba.gpu.kernels import variants
+
+    out = []
+    shuffle = variants.stats_keys(reductions=(True,), mixed=full)
+    tree = variants.stats_keys(reductions=(False,), mixed=full)
+    if not full:
+        tree = [k for k in tree if k.encoding in ("f32", "f64")]
+    for key in shuffle + tree:
+        out.append(("stats", tuple(key), full or key.encoding in CC90_ENCODINGS))
+    for key in variants.grad_keys(mixed=full):
+        out.append(("grad", tuple(key), full or key.encoding in CC90_ENCODINGS))
+    return out
 
 
-def arr(enc, ndim, layout):
-    return types.Array(ELEM[enc], ndim, layout, readonly=False)
-
-
-def stats_variants(full: bool):
-    """The statistics kernels: every encoding with the plain and the all-moments spec, both
-    reductions, 2-D and 3-D; ``full`` adds every spec the ops use in every transform."""
-    from ptx_numba.gpu.kernels.stats import StatsKey
-
-    encs = ("f32", "f64", "f16", "bf16")
-    plain = (True, False, False, False)
-    every = (True, True, True, True)
-    specs = [(plain, "plain"), (every, "temp"), (every, "softcap")]
-    if full:  # the specs of the ops: CE/lse/logprobs, +entropy, entropy, smoothing, KL, kl_penalty
-        specs += [((t, e, d, p), kind)
-                  for t, e, d, p in [(True, True, False, False), (False, True, False, False),
-                                     (True, False, True, False), (False, False, False, True),
-                                     (True, False, False, True), plain]
-                  for kind in ("plain", "temp", "softcap")]
-    seen = set()
-    for enc in encs:
-        for (target, ent, dsum, pair), kind in specs:
-            for ndim in (2, 3):
-                for shuffle in (True, False):
-                    key = StatsKey(enc, enc if pair else "", ndim, kind, target, ent, dsum, pair, 256, shuffle)
-                    if not full and ndim == 3 and (not shuffle or kind == "softcap"):
-                        continue
-                    if key not in seen:
-                        seen.add(key)
-                        yield key
-
-
-def grad_variants(full: bool):
-    """The gradient kernels: CE (A, C, D), entropy (A, B), KL (A, B, E) coefficient sets."""
-    from ptx_numba.gpu.kernels.grad import GradKey
-
-    coefs = [(False, False, ("plain", "softcap") if not full else ("plain", "temp", "softcap")),
-             (True, True, ("temp",) if not full else ("plain", "temp", "softcap"))]
-    if full:
-        coefs.append((True, False, ("plain", "temp", "softcap")))
-    for enc in ("f32", "f64", "f16", "bf16"):
-        for has_b, has_e, kinds in coefs:
-            for kind in kinds:
-                for ndim in (2, 3):
-                    if not full and ndim == 3 and kind != "plain":
-                        continue
-                    yield GradKey(enc, enc if has_e else "", enc, ndim, ndim, kind, has_b, has_e, 256)
-
-
-def stats_sig(key):
-    from numba import types as t
-
-    x = arr(key.encoding, key.ndim, "C" if key.ndim == 2 else "A")
-    w = arr(key.w_encoding or key.encoding, key.ndim, "C" if key.ndim == 2 else "A")
-    acc = t.float64 if key.encoding == "f64" else t.float32
-    kernel = (x, w, t.int64, t.Array(t.int64, 1, "C"), t.Array(t.float64, 2, "C"), t.int64, acc, acc, acc,
-              t.float64, t.float64)
-    scan = (x, w, t.int64, t.int64, t.int32, acc, acc, acc)
-    return kernel, scan
-
-
-def grad_sig(key):
-    from numba import types as t
-
-    x = arr(key.encoding, key.ndim, "C" if key.ndim == 2 else "A")
-    w = arr(key.w_encoding or key.encoding, key.ndim, "C" if key.ndim == 2 else "A")
-    o = arr(key.out_encoding, key.out_ndim, "C" if key.out_ndim == 2 else "A")
-    acc = t.float64 if key.encoding == "f64" else t.float32
-    f2 = t.Array(t.float64, 2, "C")
-    kernel = (x, w, t.int64, o, t.int64, t.Array(t.int64, 1, "C"), f2, f2, t.int64, acc, acc, acc, t.float64)
-    row = (x, w, o, t.int64, t.int64, t.int64, t.int64, t.int32, t.int64) + (acc,) * 8 + (t.boolean,) + (
-        acc, acc, t.boolean, acc, acc, acc)
-    return kernel, row
+def key_name(family: str, key: tuple) -> str:
+    return family + ":" + ",".join(str(v) for v in key)
 
 
 def assemble(ptx: str, cc, ptxas: str) -> dict:
@@ -150,58 +109,92 @@ def f64_ops(ptx: str) -> list[str]:
     return sorted({m.group(0).strip() for m in F64_OP.finditer(ptx)})
 
 
-def compile_one(name, pyfunc, sig, device, ptxas, check_f64) -> dict:
-    """PTX for cc 8.0 (assembled for sm_80 and sm_90) and, for kernels, PTX for cc 9.0 too."""
-    out = {"name": name}
-    for cc in ((8, 0),) if device else CCS:
-        try:
-            ptx, _ = cuda.compile_ptx(pyfunc, sig, device=device, cc=cc)
-        except Exception as exc:  # recorded, asserted by the test
-            out[f"cc{cc[0]}{cc[1]}"] = {"ok": False, "log": f"{type(exc).__name__}: {exc}"[-2000:]}
-            continue
-        if check_f64:
-            out["f64_ops"] = f64_ops(ptx)
-        if device:
-            out["cc80"] = {"ok": True}
-            continue
-        for arch in CCS if cc == (8, 0) else (cc,):
-            out[f"cc{cc[0]}{cc[1]}->sm_{arch[0]}{arch[1]}"] = assemble(ptx, arch, ptxas)
-    return out
+def _device_ptx(dispatcher, cc=(8, 0)) -> str:
+    """PTX of a device function as the kernel compiled it (its one overload, with its callees)."""
+    (cres,) = dispatcher.overloads.values()
+    return cres.library.get_asm_str(cc=cc)
+
+
+_STATE: dict = {}
+
+
+def _init_worker():
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "0"
+    answer_compute_capability()
+    _STATE["ptxas"] = ptxas_path()
+    _STATE["loops"] = set()
+
+
+def compile_group(jobs: list) -> list[dict]:
+    """Compile a group of kernels in this worker (the factories' caches live across groups)."""
+    from numba import cuda
+
+    from ptx_numba.gpu.kernels.grad import GradKey, build_grad_kernel, grad_signature
+    from ptx_numba.gpu.kernels.stats import StatsKey, build_stats_kernel, stats_signature
+
+    ptxas = _STATE["ptxas"]
+    results = []
+    for family, raw, with_cc90 in jobs:
+        t0 = time.perf_counter()
+        if family == "stats":
+            key = StatsKey(*raw)
+            pyfunc, sig, loop = build_stats_kernel(key), stats_signature(key), "scan"
+        else:
+            key = GradKey(*raw)
+            pyfunc, sig, loop = build_grad_kernel(key), grad_signature(key), "grad_row"
+        rec = {"name": key_name(family, raw), "kind": "kernel", "family": family}
+        for cc in CCS if with_cc90 else CCS[:1]:
+            tag = f"cc{cc[0]}{cc[1]}"
+            try:
+                ptx, _ = cuda.compile_ptx(pyfunc, sig, cc=cc)
+            except Exception as exc:  # recorded, asserted by the test
+                rec[tag] = {"ok": False, "log": f"{type(exc).__name__}: {exc}"[-2000:]}
+                continue
+            for arch in CCS if cc == (8, 0) else (cc,):
+                rec[f"{tag}->sm_{arch[0]}{arch[1]}"] = assemble(ptx, arch, ptxas)
+        rec["seconds"] = round(time.perf_counter() - t0, 2)
+        results.append(rec)
+        inner = getattr(pyfunc, loop)
+        loop_name = f"{loop}:" + ",".join(str(v) for v in raw)
+        if key.encoding != "f64" and id(inner) not in _STATE["loops"] and inner.overloads:
+            _STATE["loops"].add(id(inner))
+            try:
+                found = {"ok": True, "f64_ops": f64_ops(_device_ptx(inner))}
+            except Exception as exc:
+                found = {"ok": False, "f64_ops": [], "log": f"{type(exc).__name__}: {exc}"[-2000:]}
+            results.append(dict(found, name=loop_name, kind="loop", family=family))
+    return results
+
+
+def _groups(jobs, n):
+    """Jobs grouped by (family, encoding), largest first (one task each)."""
+    groups: dict = {}
+    for job in jobs:
+        groups.setdefault((job[0], job[1][0]), []).append(job)
+    return sorted(groups.values(), key=len, reverse=True)
 
 
 def main(argv) -> int:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        sys.exit("run with NUMBA_ENABLE_CUDASIM=0: the simulator does not generate code")
     path = argv[1]
     full = "--full" in argv
-    answer_compute_capability()
-    ptxas = ptxas_path()
-    from ptx_numba.gpu.kernels.grad import build_grad_kernel, make_grad_row
-    from ptx_numba.gpu.kernels.stats import build_stats_kernel, make_scan
-
-    results = []
+    n_jobs = int(argv[argv.index("--jobs") + 1]) if "--jobs" in argv else min(2, os.cpu_count() or 1)
     start = time.perf_counter()
-    seen_loops = set()
-    for key in stats_variants(full):
-        ksig, ssig = stats_sig(key)
-        name = "stats:" + ",".join(str(v) for v in key)
-        kernel = build_stats_kernel(key)
-        results.append(dict(compile_one(name, kernel.py_func, ksig, False, ptxas, False), kind="kernel"))
-        loop_key = key._replace(tpb=256, use_shuffle=True)
-        if key.encoding != "f64" and loop_key not in seen_loops:
-            seen_loops.add(loop_key)
-            scan = make_scan(key)
-            results.append(dict(compile_one("scan:" + ",".join(str(v) for v in key[:8]), scan.py_func, ssig,
-                                            True, ptxas, True), kind="loop"))
-    for key in grad_variants(full):
-        ksig, rsig = grad_sig(key)
-        name = "grad:" + ",".join(str(v) for v in key)
-        kernel = build_grad_kernel(key)
-        results.append(dict(compile_one(name, kernel.py_func, ksig, False, ptxas, False), kind="kernel"))
-        if key.encoding != "f64":
-            grad_row, _ = make_grad_row(key)
-            results.append(dict(compile_one("grad_row:" + ",".join(str(v) for v in key), grad_row.py_func,
-                                            rsig, True, ptxas, True), kind="loop"))
+    jobs = jobs_for(full)
+    results = []
+    if n_jobs <= 1:
+        _init_worker()
+        for group in _groups(jobs, 1):
+            results += compile_group(group)
+    else:
+        with ProcessPoolExecutor(n_jobs, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+            for part in pool.map(compile_group, _groups(jobs, n_jobs)):
+                results += part
+    expected = [key_name(f, k) for f, k, _ in jobs]
     with open(path, "w") as fh:
-        json.dump({"seconds": time.perf_counter() - start, "results": results}, fh, indent=1)
+        json.dump({"seconds": round(time.perf_counter() - start, 1), "full": full, "expected": expected,
+                   "cc90": [key_name(f, k) for f, k, c in jobs if c], "results": results}, fh, indent=1)
     return 0
 
 

@@ -324,7 +324,8 @@ def test_kl_penalty_estimators(rng, backend, estimator, dtype):
     want = np.where(valid, want, 0.0)
     got = pn.kl_penalty(x, w, y, estimator=estimator, temperature=temperature, backend=backend)
     assert got.shape == y.shape
-    check(got, want, tolerance("float64" if dtype == "float64" else "float32"), f"{backend}/{estimator}/{dtype}")
+    # w is float32: with two logit sets the float64 bound needs both in float64 (contract.py)
+    check(got, want, tolerance("float32"), f"{backend}/{estimator}/{dtype}")
     assert (got[~valid] == 0.0).all()
     if estimator == "full":
         kl = pn.kl_divergence(x, w, temperature=temperature, backend=backend)

@@ -232,3 +232,34 @@ def test_bench_empty_name_list_is_an_error(capsys, option):
 def test_ignore_index_outside_int64_is_refused(capsys, pair):
     _, _, x, y = pair
     assert "int64" in run_err(capsys, "score", x, y, "--ignore-index", str(2**63))
+
+
+def test_one_mapping_at_a_time_from_one_descriptor(capsys, rng, tmp_path, monkeypatch):
+    """Resident memory stays about one block: each block's mapping is closed before the next opens,
+    and every mapping comes from the one descriptor opened for the run."""
+    import mmap as mmap_module
+
+    from ptx_numba.cli import npyfile
+
+    logits = rng.standard_normal((29, 11)).astype(np.float32)
+    labels = rng.integers(0, 11, size=29)
+    x, y = save(tmp_path, "x.npy", logits), save(tmp_path, "y.npy", labels)
+    live, peak, fds = [0], [0], set()
+
+    class CountingMap(mmap_module.mmap):
+        def __new__(cls, fd, *args, **kwargs):
+            fds.add(fd)
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+            return super().__new__(cls, fd, *args, **kwargs)
+
+        def close(self):
+            if not self.closed:
+                live[0] -= 1
+            super().close()
+
+    monkeypatch.setattr(npyfile.mmap, "mmap", CountingMap)
+    result = run_json(capsys, "score", x, y, "--block-rows", "4", "--backend", "reference")
+    assert result["blocks"] == 8
+    assert peak[0] == 1 and live[0] == 0 and len(fds) == 1
+    assert close(result["ce"], expected_loss(logits, labels, 1, 0)[2], "reference")

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+import ptx_numba as pn
 from ptx_numba import cli
 from test_cli import close, expected_loss, run_json
 from test_cli_inputs import run_err
@@ -74,7 +75,7 @@ def test_bounded_blocks_per_shard(capsys, shards):
     assert result["blocks"] == sum(-(-n // 2) for n in (5, 9, 1, 7))
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in __import__("ptx_numba").available_backends()])
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "reference") if b in pn.available_backends()])
 def test_checkpoint_resume_is_identical_and_skips_finished(capsys, shards, tmp_path, backend):
     d, logits, labels = shards
     ckpt = str(tmp_path / "run.ckpt")
@@ -109,8 +110,9 @@ def test_killed_run_resumes_to_the_identical_result(capsys, rng, tmp_path):
         from ptx_numba import cli
         sys.exit(cli.main(["score", {d!r}, "--checkpoint", {ckpt!r}, "--backend", "reference"]))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -120,7 +122,7 @@ def test_killed_run_resumes_to_the_identical_result(capsys, rng, tmp_path):
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    assert proc.returncode == -signal.SIGKILL, err_path.read_text()
     done = len(read_json(ckpt)["shards"])
     assert 2 <= done < 6
     resumed = run_json(capsys, "score", d, "--checkpoint", ckpt, "--backend", "reference")
@@ -221,3 +223,49 @@ def test_main_module_runs(shards):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["shards"] == 4
     assert cli.main is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Zarr stores: one shard per chunk of rows
+# --------------------------------------------------------------------------------------------
+def make_zarr(rng, path, rows=23, vocab=19, chunk=5, batch=()):
+    zarr = pytest.importorskip("zarr")
+    x = (rng.standard_normal((rows,) + batch + (vocab,)) * 3).astype(np.float32)
+    y = rng.integers(0, vocab, size=(rows,) + batch)
+    y.reshape(-1)[3] = -100
+    group = zarr.open_group(path, mode="w")
+    # Group.zeros(name=...) is spelled the same in zarr 2 and 3
+    group.zeros(name="logits", shape=x.shape, chunks=(chunk,) + x.shape[1:], dtype=x.dtype)[...] = x
+    group.zeros(name="labels", shape=y.shape, chunks=(chunk,) + y.shape[1:], dtype=y.dtype)[...] = y
+    return x, y
+
+
+@pytest.mark.parametrize("batch", [(), (3,)])
+def test_zarr_store_scored_by_row_chunks(capsys, rng, tmp_path, batch):
+    store = str(tmp_path / "d.zarr")
+    x, y = make_zarr(rng, store, batch=batch)
+    out = str(tmp_path / "rows.npy")
+    result = run_json(capsys, "score", store, "--block-rows", "2", "--per-row", out, "--backend", "reference")
+    assert result["shards"] == 5 and result["rows"] == y.size
+    assert close(result["ce"], expected_loss(x, y, 1, 0)[2], "cpu")
+    z = x.astype(np.float64).reshape(-1, x.shape[-1])
+    yf = y.reshape(-1)
+    lse = np.log(np.exp(z).sum(axis=1))
+    valid = yf != -100
+    want = np.where(valid, lse - z[np.arange(len(yf)), np.where(valid, yf, 0)], 0.0)
+    np.testing.assert_allclose(np.load(out), want, rtol=1e-6, atol=1e-6)
+
+
+def test_zarr_checkpoint_resume(capsys, rng, tmp_path):
+    store, ckpt = str(tmp_path / "d.zarr"), str(tmp_path / "z.ckpt")
+    make_zarr(rng, store)
+    first = run_json(capsys, "score", store, "--checkpoint", ckpt, "--backend", "reference")
+    again = run_json(capsys, "score", store, "--checkpoint", ckpt, "--backend", "reference")
+    assert first["shards_scored"] == 5 and again["shards_scored"] == 0 and again["ce"] == first["ce"]
+
+
+def test_zarr_store_without_labels_is_a_clear_error(capsys, rng, tmp_path):
+    zarr = pytest.importorskip("zarr")
+    store = str(tmp_path / "bad.zarr")
+    zarr.open_group(store, mode="w").zeros(name="logits", shape=(4, 3), dtype="f4")
+    assert "needs arrays 'logits' and 'labels'" in run_err(capsys, "score", store)

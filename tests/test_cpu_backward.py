@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from exact import cast
-from ptx_numba import _validate
+from ptx_numba import _validate, config
 from ptx_numba._rowpass import GradCoef, StatsSpec
 from ptx_numba.reference import BACKEND as REFERENCE
 
@@ -143,3 +143,94 @@ def test_bad_out_raises_value_errors():
         BACKEND.row_grad(x, y, SPECS["plain"], stats, coef, ro)
     with pytest.raises(ValueError, match="dtype"):
         BACKEND.row_grad(x, y, SPECS["plain"], stats, coef, np.zeros((2, 5), np.int32))
+
+
+@pytest.mark.parametrize("dtype,out_dtype", CASES)
+@pytest.mark.parametrize("name", ["plain", "entropy_temperature", "pair_target"])
+def test_shift_off_the_float32_grid_keeps_its_low_part(rng, dtype, out_dtype, name):
+    # The forward's shift is a float64 that is no float32 value (the AVX2 walk's S/K8); at an
+    # offset of 3e4 its float32 rounding alone is up to 1e-3, so the pass must carry the low part
+    # (fast-math reassociation of (z - mh) - ml into z - (mh + ml) would drop it).
+    spec = SPECS[name]
+    z = rng.standard_normal((4, 2 * 2048 + 37)) * 2
+    z[:, 11] += 6.0  # a dominant logit: p near 1 turns a shift error into a gradient error
+    z[0] += 3e4
+    z[1] -= 3e4
+    z[2] += 1234.567
+    x = encode(z, dtype)
+    w = encode(z[:, ::-1] * 0.5 + 1.0, dtype) if spec.pair else None
+    y = np.array([11, 3, 11, 7], dtype=np.int64)
+    stats = REFERENCE.row_stats(x, y, spec, w)
+    # move m by 0.37 of a float32 ulp (s moves with it): the exact gradient does not change
+    step = 0.37 * np.spacing(np.abs(stats.m).astype(np.float32)).astype(np.float64)
+    stats = stats._replace(m=stats.m + step, s=stats.s * np.exp(-step))
+    coef = GradCoef(A=np.ones(4), C=-np.ones(4), B=rng.standard_normal(4) if spec.entropy else None,
+                    E=rng.standard_normal(4) if spec.pair else None)
+    got = np.empty(x.shape, dtype=out_dtype)
+    want = np.empty(x.shape, dtype=out_dtype)
+    BACKEND.row_grad(x, y, spec, stats, coef, got, w)
+    REFERENCE.row_grad(x, y, spec, stats, coef, want, w)
+    assert_grad_close(got, want, out_dtype)
+
+
+# --- the hand-written loop (rows with A, C, D only: cross entropy, z-loss, label smoothing) ----
+FAST_CASES = [("float32", np.float32), ("bfloat16", np.uint16), ("float16", np.int16), ("bfloat16", np.float32),
+              ("float16", np.float32), ("float32", np.uint16), ("float32", np.int16), ("float16", np.uint16)]
+
+
+@pytest.fixture(params=["avx2", "portable"])
+def loop(request, monkeypatch):
+    """The hand-written loop where the host has AVX2, and the portable one."""
+    if request.param == "avx2" and not cpu.uses_avx2(np.dtype(np.float32)):
+        pytest.skip("the AVX2 loop does not run on this CPU")
+    monkeypatch.setattr(config, "CPU_AVX2", None if request.param == "avx2" else False)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype,out_dtype", FAST_CASES)
+@pytest.mark.parametrize("vocab", [1, 15, 16, 17, 2 * 2048 + 37])
+def test_rows_without_b_and_e_terms(loop, rng, dtype, out_dtype, vocab):
+    spec = SPECS["plain"]
+    z = rows(rng, vocab)
+    x = encode(z, dtype)
+    y = rng.integers(0, vocab, len(z)).astype(np.int64)
+    y[0] = -1
+    y[4] = 0  # a label at a -inf logit
+    stats = REFERENCE.row_stats(x, y, spec)
+    n = len(z)
+    coef = GradCoef(A=rng.uniform(0.5, 2.0, n), C=-rng.uniform(0.5, 2.0, n), D=rng.standard_normal(n) * 1e-3)
+    coef.A[6] = coef.C[6] = coef.D[6] = 0.0  # an all-zero row
+    got = np.full((n, vocab + 7), 7, dtype=out_dtype)[:, 3:vocab + 3]  # strided, padded rows
+    want = np.empty(x.shape, dtype=out_dtype)
+    BACKEND.row_grad(x, y, spec, stats, coef, got, None)
+    REFERENCE.row_grad(x, y, spec, stats, coef, want, None)
+    assert_grad_close(got, want, out_dtype)
+    assert np.all(as_f64(got)[6] == 0.0)
+    base = got.base
+    assert np.all(base[:, :3] == 7) and np.all(base[:, vocab + 3:] == 7)  # nothing written outside
+
+
+@pytest.mark.parametrize("dtype,out_dtype", [("float32", np.float32), ("bfloat16", np.uint16), ("float16", np.int16)])
+def test_rows_without_b_and_e_terms_special_values(loop, rng, dtype, out_dtype):
+    # NaN and +inf rows (canonical stats: s NaN or m inf) and a shift past the loop's range take
+    # the portable path; in place (out is x) every element is read before it is written
+    spec = SPECS["plain"]
+    z = rng.standard_normal((5, 2049)) * 2
+    z[0, 7] = np.nan
+    z[1, 9] = np.inf
+    z[2] += 5e5 if dtype == "float32" else 0.0
+    z[3, :] = -np.inf
+    z[3, 100] = 1.0
+    z[4, ::2] = -np.inf
+    x = encode(z, dtype)
+    y = np.array([1, 2, 3, 100, 1], dtype=np.int64)
+    stats = REFERENCE.row_stats(x, y, spec)
+    coef = GradCoef(A=np.ones(5), C=-np.ones(5))
+    want = np.empty(x.shape, dtype=out_dtype)
+    with np.errstate(invalid="ignore"):
+        REFERENCE.row_grad(x, y, spec, stats, coef, want, None)
+    got = x.copy() if np.dtype(out_dtype) == x.dtype else np.empty(x.shape, dtype=out_dtype)
+    BACKEND.row_grad(got if got.dtype == x.dtype else x, y, spec, stats, coef, got, None)
+    a, b = as_f64(got), as_f64(want)
+    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
+    assert_grad_close(got[2:], want[2:], out_dtype)

@@ -3,6 +3,10 @@
 The simulator runs one Python thread per GPU thread, so shapes stay tiny; ``small_launch`` shrinks
 the block to 32 threads and the grid to 2 blocks so that tiny inputs still cross blocks, partial
 4-element steps and the grid-stride loop over rows. Tests needing a real GPU are marked ``gpu``.
+
+Everything goes through the public API (``pn.cross_entropy(device_array, ...)`` and friends), as a
+user would call it; the backend's protocol kernels have their own tests in ``test_gpu_rowpass.py``
+and ``test_gpu_backward.py``.
 """
 from __future__ import annotations
 
@@ -16,10 +20,6 @@ import pytest
 
 numba_cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
 
-
-
-
-
 import ptx_numba as pn  # noqa: E402
 from ptx_numba import _dispatch, config, reference  # noqa: E402
 from ptx_numba._validate import prepare  # noqa: E402
@@ -30,7 +30,9 @@ _ok, _why = pc.is_available()
 if not _ok:
     pytest.skip(f"cuda backend unavailable: {_why}", allow_module_level=True)
 
-from ptx_numba.gpu import _legacy, kernels  # noqa: E402
+from ptx_numba.gpu import backward as gpu_backward  # noqa: E402
+from ptx_numba.gpu import kernels  # noqa: E402
+from ptx_numba.gpu import rowpass as gpu_rowpass  # noqa: E402
 
 cuda = numba_cuda
 ON_SIM = kernels.on_simulator()
@@ -117,15 +119,62 @@ def labels_for(rng, z, ignore_every=3):
 SHAPES = [(1, 1), (3, 31), (5, 32), (4, 33), (3, 129), (5, 300)]
 
 
+def ce_rows(z, y, **kw):
+    """Per-row CE on the cuda backend as a float64 host array (input on host or device)."""
+    got = pn.cross_entropy(z, y, reduction="none", backend="cuda", **kw)
+    return np.asarray(got.copy_to_host() if hasattr(got, "copy_to_host") else got, dtype=np.float64)
+
+
+def lse_rows(z):
+    got = pn.logsumexp(z, backend="cuda")
+    return np.asarray(got.copy_to_host() if hasattr(got, "copy_to_host") else got, dtype=np.float64)
+
+
+def exact_softmax(z):
+    z64 = np.asarray(z, dtype=np.float64)
+    e = np.exp(z64 - z64.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def exact_log_softmax(z):
+    z64 = np.asarray(z, dtype=np.float64)
+    return z64 - exact_lse(z64)[..., None]
+
+
+def exact_ce_grad(z, y):
+    """d(mean CE)/dz in float64: (softmax - onehot) / count on valid rows, 0 elsewhere."""
+    v = z.shape[-1]
+    flat = np.asarray(z, dtype=np.float64).reshape(-1, v)
+    yf = np.asarray(y).reshape(-1)
+    valid = yf != IGN
+    g = exact_softmax(flat)
+    g[np.flatnonzero(valid), yf[valid]] -= 1.0
+    g[~valid] = 0.0
+    return (g / max(1, int(valid.sum()))).reshape(z.shape)
+
+
+def is_device(obj):
+    return not isinstance(obj, np.ndarray) and hasattr(obj, "copy_to_host")
+
+
 # ------------------------------------------------------------------------------------------------
 # availability and configuration
 # ------------------------------------------------------------------------------------------------
 def test_available_here_and_auto_keeps_host_input_off_the_simulator():
     assert pc.is_available() == (True, "")
-    assert pc.NAME == "cuda"
+    assert pc.NAME == "cuda" and pc.BACKEND.name == "cuda"
     assert not pc.prefers_host_input(config.CUDA_AUTO_MIN_HOST_BYTES - 1)
     if ON_SIM:
         assert not pc.prefers_host_input(10 * config.CUDA_AUTO_MIN_HOST_BYTES)
+
+
+def test_the_transitional_module_functions_are_gone():
+    # The public layer calls BACKEND.row_stats / row_grad; the old module-level entry points went.
+    for name in ("logsumexp_rows", "cross_entropy_rows", "cross_entropy_sum", "device_cross_entropy",
+                 "device_cross_entropy_sum", "device_logsumexp"):
+        assert not hasattr(pc, name), name
+    with pytest.raises(ImportError):
+        importlib.import_module("ptx_numba.gpu._legacy")
 
 
 def test_unavailable_reason_mentions_the_simulator(monkeypatch):
@@ -164,17 +213,17 @@ def test_backend_imports_in_a_fresh_process():
 def test_bad_threads_per_block(monkeypatch, tpb):
     monkeypatch.setattr(config, "CUDA_THREADS_PER_BLOCK", tpb)
     with pytest.raises(ValueError, match="CUDA_THREADS_PER_BLOCK"):
-        pc.logsumexp_rows(np.zeros((2, 3), np.float32))
+        pn.logsumexp(np.zeros((2, 3), np.float32), backend="cuda")
 
 
 # ------------------------------------------------------------------------------------------------
-# host protocol against float64 NumPy / SciPy
+# host batches against float64 NumPy / SciPy
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES)
-def test_logsumexp_rows(rng, small_launch, shape):
+def test_logsumexp(rng, small_launch, shape):
     z = (rng.standard_normal(shape) * 5).astype(np.float32)
-    got = pc.logsumexp_rows(z)
-    assert got.dtype == np.float64 and got.shape == (shape[0],)
+    got = pn.logsumexp(z, backend="cuda")
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32 and got.shape == (shape[0],)
     assert rel_err(got, exact_lse(z)) < TOL32
 
 
@@ -182,13 +231,12 @@ def test_logsumexp_rows(rng, small_launch, shape):
 def test_cross_entropy_rows_and_sum(rng, small_launch, shape):
     z = hard_logits(rng, *shape)
     y = labels_for(rng, z)
-    rows = pc.cross_entropy_rows(z, y, IGN)
-    assert rows.dtype == np.float64 and rows.shape == (shape[0],)
+    rows = pn.cross_entropy(z, y, reduction="none", backend="cuda")
+    assert isinstance(rows, np.ndarray) and rows.dtype == np.float32 and rows.shape == (shape[0],)
     assert rel_err(rows, exact_ce(z, y)) < TOL32
     assert np.all(rows[y == IGN] == 0.0)
-    total, count = pc.cross_entropy_sum(z, y, IGN)
-    assert isinstance(total, float) and isinstance(count, int)
-    assert count == int(np.sum(y != IGN))
+    total = pn.cross_entropy(z, y, reduction="sum", backend="cuda")
+    assert isinstance(total, float)
     assert abs(total - exact_ce(z, y).sum()) <= sum_tol(exact_ce(z, y)[y != IGN])
 
 
@@ -199,15 +247,15 @@ def test_other_block_sizes(rng, monkeypatch, tpb):
     monkeypatch.setattr(config, "CUDA_MAX_BLOCKS", 1)
     z = hard_logits(rng, 3, 300)
     y = labels_for(rng, z, ignore_every=2)
-    assert rel_err(pc.cross_entropy_rows(z, y, IGN), exact_ce(z, y)) < TOL32
-    assert rel_err(pc.logsumexp_rows(z), exact_lse(z)) < TOL32
+    assert rel_err(ce_rows(z, y), exact_ce(z, y)) < TOL32
+    assert rel_err(lse_rows(z), exact_lse(z)) < TOL32
 
 
 def test_hard_rows_float32(rng, small_launch):
     z = hard_logits(rng, 12, 70)
     y = labels_for(rng, z, ignore_every=5)
-    assert rel_err(pc.logsumexp_rows(z), exact_lse(z)) < TOL32
-    assert rel_err(pc.cross_entropy_rows(z, y, IGN), exact_ce(z, y)) < TOL32
+    assert rel_err(lse_rows(z), exact_lse(z)) < TOL32
+    assert rel_err(ce_rows(z, y), exact_ce(z, y)) < TOL32
 
 
 def test_special_values_match_reference(small_launch):
@@ -227,22 +275,23 @@ def test_special_values_match_reference(small_launch):
     )
     y = np.array([0, 0, 1, 0, 0, 2, 1, 2], dtype=np.int64)
     with np.errstate(all="ignore"):
-        want_lse = reference.logsumexp_rows(z)
-        want_ce = reference.cross_entropy_rows(z, y, IGN)
+        want_lse = pn.logsumexp(z, backend="reference")
+        want_ce = pn.cross_entropy(z, y, reduction="none", backend="reference")
     # assert_allclose treats equal infinities and NaN in the same places as equal.
-    np.testing.assert_allclose(pc.logsumexp_rows(z), want_lse, rtol=TOL32, atol=0)
-    np.testing.assert_allclose(pc.cross_entropy_rows(z, y, IGN), want_ce, rtol=TOL32, atol=0)
-    total, count = pc.cross_entropy_sum(z, y, IGN)
-    assert np.isnan(total) and count == len(y)
+    np.testing.assert_allclose(lse_rows(z), want_lse, rtol=TOL32, atol=0)
+    np.testing.assert_allclose(ce_rows(z, y), want_ce, rtol=TOL32, atol=0)
+    assert np.isnan(pn.cross_entropy(z, y, reduction="sum", backend="cuda"))
 
 
 def test_float64(rng, small_launch):
     z = hard_logits(rng, 7, 45, np.float64)
     y = labels_for(rng, z)
-    assert rel_err(pc.logsumexp_rows(z), exact_lse(z)) < TOL64
-    assert rel_err(pc.cross_entropy_rows(z, y, IGN), exact_ce(z, y)) < TOL64
-    total, count = pc.cross_entropy_sum(z, y, IGN)
-    assert abs(total - exact_ce(z, y).sum()) < TOL64 * z.shape[0] and count == int(np.sum(y != IGN))
+    lse = pn.logsumexp(z, backend="cuda")
+    assert lse.dtype == np.float64 and rel_err(lse, exact_lse(z)) < TOL64
+    rows = pn.cross_entropy(z, y, reduction="none", backend="cuda")
+    assert rows.dtype == np.float64 and rel_err(rows, exact_ce(z, y)) < TOL64
+    total = pn.cross_entropy(z, y, reduction="sum", backend="cuda")
+    assert abs(total - exact_ce(z, y).sum()) < TOL64 * z.shape[0]
 
 
 def test_half_encodings_through_the_api(rng, small_launch):
@@ -265,15 +314,18 @@ def test_half_encodings_through_the_api(rng, small_launch):
 def test_empty_and_all_ignored(rng, small_launch):
     z = np.zeros((0, 7), np.float32)
     y = np.zeros(0, np.int64)
-    assert pc.logsumexp_rows(z).shape == (0,)
-    assert pc.cross_entropy_rows(z, y, IGN).shape == (0,)
-    assert pc.cross_entropy_sum(z, y, IGN) == (0.0, 0)
+    assert pn.logsumexp(z, backend="cuda").shape == (0,)
+    assert pn.cross_entropy(z, y, reduction="none", backend="cuda").shape == (0,)
+    assert pn.cross_entropy(z, y, reduction="sum", backend="cuda") == 0.0
+    assert pn.cross_entropy(z, y, backend="cuda") == 0.0
     z = rng.standard_normal((3, 7)).astype(np.float32)
     y = np.full(3, IGN)
-    assert pc.cross_entropy_sum(z, y, IGN) == (0.0, 0)
-    np.testing.assert_array_equal(pc.cross_entropy_rows(z, y, IGN), np.zeros(3))
+    assert pn.cross_entropy(z, y, reduction="sum", backend="cuda") == 0.0
+    np.testing.assert_array_equal(pn.cross_entropy(z, y, reduction="none", backend="cuda"), np.zeros(3))
     assert pn.cross_entropy(z, y, backend="cuda") == 0.0
     assert tuple(pn.ptx_loss(0.5, z, y, 0.1, backend="cuda")) == (0.5, 0.0, 0.0)
+    loss, grad = pn.cross_entropy_and_grad(z, y, backend="cuda")
+    assert loss == 0.0 and np.all(grad == 0.0)
 
 
 def test_public_api_on_host_batches(rng, small_launch):
@@ -294,34 +346,34 @@ def test_public_api_on_host_batches(rng, small_launch):
 
 
 # ------------------------------------------------------------------------------------------------
-# device protocol
+# device input: results stay on the device
 # ------------------------------------------------------------------------------------------------
-def test_device_functions(rng, small_launch):
+def test_device_input_gives_device_results(rng, small_launch, device_api):
     z = hard_logits(rng, 6, 37)
     y = labels_for(rng, z)
     exact = exact_ce(z, y)
     d_z, d_y = cuda.to_device(z), cuda.to_device(y)
-    lse = pc.device_logsumexp(d_z)
-    assert not isinstance(lse, np.ndarray) and lse.shape == (6,) and lse.dtype == np.float32
+    lse = pn.logsumexp(d_z)  # auto sends device input to cuda
+    assert is_device(lse) and lse.shape == (6,) and lse.dtype == np.float32
     assert rel_err(lse.copy_to_host(), exact_lse(z)) < TOL32
-    rows = pc.device_cross_entropy(d_z, d_y, IGN, "none")
-    assert not isinstance(rows, np.ndarray) and rows.shape == (6,) and rows.dtype == np.float32
+    rows = pn.cross_entropy(d_z, d_y, reduction="none")
+    assert is_device(rows) and rows.shape == (6,) and rows.dtype == np.float32
     assert rel_err(rows.copy_to_host(), exact) < TOL32
     valid = exact[y != IGN]
-    mean = pc.device_cross_entropy(d_z, d_y, IGN, "mean")
+    mean = pn.cross_entropy(d_z, d_y)
     assert isinstance(mean, float) and abs(mean - valid.mean()) <= sum_tol(valid) / valid.size
-    assert abs(pc.device_cross_entropy(d_z, d_y, IGN, "sum") - exact.sum()) <= sum_tol(valid)
-    total, count = pc.device_cross_entropy_sum(d_z, y, IGN)  # host labels are fine too
-    assert abs(total - exact.sum()) <= sum_tol(valid) and count == valid.size
+    assert abs(pn.cross_entropy(d_z, y, reduction="sum") - exact.sum()) <= sum_tol(valid)  # host labels too
+    np.testing.assert_array_equal(d_z.copy_to_host(), z)  # the caller's logits are untouched
 
 
 def test_device_float64_and_float16(rng, small_launch):
     z = hard_logits(rng, 5, 40, np.float64)
     y = labels_for(rng, z)
-    rows = pc.device_cross_entropy(cuda.to_device(z), cuda.to_device(y), IGN, "none")
-    assert rows.dtype == np.float64 and rel_err(rows.copy_to_host(), exact_ce(z, y)) < TOL64
+    rows = pn.cross_entropy(cuda.to_device(z), cuda.to_device(y), reduction="none")
+    assert is_device(rows) and rows.dtype == np.float64
+    assert rel_err(rows.copy_to_host(), exact_ce(z, y)) < TOL64
     z16 = np.where(np.abs(z) > 1e4, 1.0, z).astype(np.float16)
-    rows = pc.device_cross_entropy(cuda.to_device(z16), cuda.to_device(y), IGN, "none")
+    rows = pn.cross_entropy(cuda.to_device(z16), cuda.to_device(y), reduction="none")
     assert rows.dtype == np.float32
     assert rel_err(rows.copy_to_host(), exact_ce(z16.astype(np.float64), y)) < TOL32
 
@@ -332,27 +384,32 @@ def test_device_batches_read_in_place(rng, small_launch):
     y = labels_for(rng, z)
     d_z, d_y = cuda.to_device(z), cuda.to_device(y)
     zs, ys = z[:, :-1], y[:, 1:]
-    rows = pc.device_cross_entropy(d_z[:, :-1], d_y[:, 1:], IGN, "none")
+    rows = pn.cross_entropy(d_z[:, :-1], d_y[:, 1:], reduction="none")
     assert rows.shape == (2, 4)
     assert rel_err(rows.copy_to_host().ravel(), exact_ce(zs, ys)) < TOL32
-    lse = pc.device_logsumexp(d_z[:, ::2])
+    lse = pn.logsumexp(d_z[:, ::2])
     assert lse.shape == (2, 3) and rel_err(lse.copy_to_host(), exact_lse(z[:, ::2])) < TOL32
+    flat = z.reshape(10, 33)
+    lse2 = pn.logsumexp(cuda.to_device(flat)[::3, 1:])  # a 2-D view strided both ways
+    assert rel_err(lse2.copy_to_host(), exact_lse(flat[::3, 1:])) < TOL32
     z4 = z.reshape(2, 5, 1, 33)
-    lse4 = pc.device_logsumexp(cuda.to_device(z4))
+    lse4 = pn.logsumexp(cuda.to_device(z4))
     assert lse4.shape == (2, 5, 1) and rel_err(lse4.copy_to_host(), exact_lse(z4)) < TOL32
     with pytest.raises(ValueError, match="non-contiguous GPU logits with 4 dimensions"):
-        pc.device_logsumexp(cuda.to_device(z4)[:, ::2])
+        pn.logsumexp(cuda.to_device(z4)[:, ::2])
 
 
 def test_device_empty_and_all_ignored(rng, small_launch):
     d_z = cuda.to_device(np.zeros((0, 5), np.float32))
     d_y = cuda.to_device(np.zeros(0, np.int64))
-    assert pc.device_logsumexp(d_z).shape == (0,)
-    assert pc.device_cross_entropy(d_z, d_y, IGN, "none").shape == (0,)
-    assert pc.device_cross_entropy(d_z, d_y, IGN, "mean") == 0.0
-    assert pc.device_cross_entropy_sum(d_z, d_y, IGN) == (0.0, 0)
+    assert pn.logsumexp(d_z).shape == (0,)
+    assert pn.cross_entropy(d_z, d_y, reduction="none").shape == (0,)
+    assert pn.cross_entropy(d_z, d_y) == 0.0
+    assert pn.cross_entropy(d_z, d_y, reduction="sum") == 0.0
     z = cuda.to_device(rng.standard_normal((3, 5)).astype(np.float32))
-    assert pc.device_cross_entropy(z, np.full(3, IGN), IGN, "mean") == 0.0
+    assert pn.cross_entropy(z, np.full(3, IGN)) == 0.0
+    loss, grad = pn.cross_entropy_and_grad(z, np.full(3, IGN))
+    assert loss == 0.0 and is_device(grad) and np.all(grad.copy_to_host() == 0.0)
 
 
 def test_public_api_on_device_arrays(rng, small_launch, device_api):
@@ -361,9 +418,9 @@ def test_public_api_on_device_arrays(rng, small_launch, device_api):
     exact = exact_ce(z, y)
     d_z, d_y = cuda.to_device(z), cuda.to_device(y)
     rows = pn.cross_entropy(d_z, d_y, reduction="none", backend="cuda")
-    assert not isinstance(rows, np.ndarray) and rows.shape == (3, 2)
+    assert is_device(rows) and rows.shape == (3, 2)
     assert rel_err(rows.copy_to_host().ravel(), exact) < TOL32
-    auto = pn.cross_entropy(d_z, d_y)  # auto sends device input to cuda
+    auto = pn.cross_entropy(d_z, d_y)
     valid = exact[y.ravel() != IGN]
     assert abs(auto - valid.mean()) <= sum_tol(valid) / valid.size
     res = pn.ptx_loss(0.5, d_z, d_y, 0.1, backend="cuda")
@@ -374,6 +431,103 @@ def test_public_api_on_device_arrays(rng, small_launch, device_api):
         pn.cross_entropy(d_z, d_y, backend="reference")
 
 
+@pytest.mark.parametrize("with_out", [False, True])
+def test_cross_entropy_and_grad_on_device(rng, small_launch, with_out):
+    z = hard_logits(rng, 2 * 4, 35).reshape(2, 4, 35)
+    z[np.abs(z) > 1e4] = 0.0  # the gradient check below is absolute
+    y = labels_for(rng, z)
+    d_z = cuda.to_device(z)
+    out = cuda.to_device(np.full(z.shape, np.nan, np.float32)) if with_out else None
+    loss, grad = pn.cross_entropy_and_grad(d_z, cuda.to_device(y), out=out)
+    assert is_device(grad) and grad.shape == z.shape and grad.dtype == np.float32
+    if with_out:
+        assert grad is out or grad.device_ctypes_pointer.value == out.device_ctypes_pointer.value
+    exact = exact_ce(z, y)
+    valid = exact[y.ravel() != IGN]
+    assert abs(loss - valid.mean()) <= sum_tol(valid) / valid.size
+    got = (out if with_out else grad).copy_to_host()
+    np.testing.assert_allclose(got, exact_ce_grad(z, y), rtol=0, atol=2e-6)
+    assert np.all(got.reshape(-1, 35)[y.ravel() == IGN] == 0.0)
+    np.testing.assert_array_equal(d_z.copy_to_host(), z)
+    # the shifted slice: a strided device view in, a gradient of its shape out
+    loss_s, grad_s = pn.cross_entropy_and_grad(d_z[:, :-1], cuda.to_device(y)[:, 1:])
+    np.testing.assert_allclose(grad_s.copy_to_host(), exact_ce_grad(z[:, :-1], y[:, 1:]), rtol=0, atol=2e-6)
+
+
+def test_cross_entropy_and_grad_rejects_a_bad_device_out(rng, small_launch):
+    z = cuda.to_device(rng.standard_normal((3, 9)).astype(np.float32))
+    y = np.array([1, 2, 3])
+    with pytest.raises(ValueError, match="must match the logits"):
+        pn.cross_entropy_and_grad(z, y, out=cuda.to_device(np.zeros((3, 8), np.float32)))
+    with pytest.raises(ValueError, match="must match the logits"):
+        pn.cross_entropy_and_grad(z, y, out=cuda.to_device(np.zeros((3, 9), np.float64)))
+
+
+def test_token_logprobs_and_entropy_on_device(rng, small_launch):
+    z = hard_logits(rng, 7, 41)
+    z[np.abs(z) > 1e4] = -1.0
+    tokens = labels_for(rng, z)
+    d_z = cuda.to_device(z)
+    logp, ent = pn.token_logprobs(d_z, cuda.to_device(tokens), temperature=0.7, return_entropy=True)
+    assert is_device(logp) and is_device(ent) and logp.shape == (7,) and ent.shape == (7,)
+    ls = exact_log_softmax(z / 0.7)
+    valid = tokens != IGN
+    want = np.where(valid, ls[np.arange(7), np.where(valid, tokens, 0)], 0.0)
+    assert rel_err(logp.copy_to_host(), want) < TOL32
+    p = np.exp(ls)
+    want_ent = -np.sum(np.where(p > 0, p * ls, 0.0), axis=-1)
+    assert rel_err(ent.copy_to_host(), np.where(valid, want_ent, 0.0)) < TOL32  # 0 where ignored
+    only = pn.entropy(d_z, temperature=0.7)
+    assert is_device(only) and rel_err(only.copy_to_host(), want_ent) < TOL32
+
+
+def test_kl_divergence_and_kl_penalty_on_device(rng, small_launch):
+    z = (rng.standard_normal((2, 3, 45)) * 3).astype(np.float32)
+    w = (z + rng.standard_normal(z.shape)).astype(np.float32)
+    w[0, 1, :5] = -np.inf  # masked reference entries: +inf KL where p > 0 there
+    tokens = rng.integers(5, 45, (2, 3))
+    tokens[1, 2] = IGN
+    d_z, d_w = cuda.to_device(z), cuda.to_device(w)
+    lz, lw = exact_log_softmax(z), exact_log_softmax(w)
+    with np.errstate(invalid="ignore"):
+        want_kl = np.sum(np.exp(lz) * (lz - lw), axis=-1)
+    kl = pn.kl_divergence(d_z, d_w)
+    assert is_device(kl) and kl.shape == (2, 3)
+    got = kl.copy_to_host()
+    assert np.isposinf(got[0, 1]) and np.isposinf(want_kl[0, 1])
+    finite = np.isfinite(want_kl)
+    assert rel_err(got[finite], want_kl[finite]) < TOL32
+    pen = pn.kl_penalty(d_z, d_w, cuda.to_device(tokens), estimator="k3")
+    assert is_device(pen) and pen.shape == (2, 3)
+    idx = np.where(tokens == IGN, 0, tokens)[..., None]
+    r = np.take_along_axis(lz, idx, -1)[..., 0] - np.take_along_axis(lw, idx, -1)[..., 0]
+    want = np.where(tokens == IGN, 0.0, np.exp(-r) - 1.0 + r)
+    assert rel_err(pen.copy_to_host(), want) < TOL32
+    np.testing.assert_array_equal(d_w.copy_to_host(), w)
+
+
+def test_torch_layer_cuda_chunk_loop_runs_on_the_cuda_backend(rng, small_launch):
+    # ptx_numba.torch sends CUDA tensors through its torch-matmul chunk loop; that loop is plain
+    # torch plus the public passes, so it runs here on CPU tensors with the cuda backend (the
+    # simulator), against torch autograd. The CUDA-tensor views themselves need torch with CUDA.
+    torch = pytest.importorskip("torch")
+    from ptx_numba.torch import _linear
+
+    h = torch.tensor(rng.standard_normal((5, 6)), dtype=torch.float32)
+    weight = torch.tensor(rng.standard_normal((33, 6)) * 0.5, dtype=torch.float32)
+    y = torch.tensor([3, -100, 0, 32, 7])
+    opts = dict(reduction="mean", backend="cuda", ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+                softcap=None, chunk_size=2)
+    loss, dh, dw, db = _linear._chunked(h, weight, None, y, opts, 1.0)
+    h64, w64 = h.double().requires_grad_(), weight.double().requires_grad_()
+    want = torch.nn.functional.cross_entropy(h64 @ w64.T, y, ignore_index=-100)
+    want.backward()
+    assert abs(float(loss) - want.item()) < TOL32 * max(1.0, abs(want.item()))
+    np.testing.assert_allclose(dh.numpy(), h64.grad.numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(dw.numpy(), w64.grad.numpy(), rtol=0, atol=1e-5)
+    assert db is None
+
+
 # ------------------------------------------------------------------------------------------------
 # bad device input: the host messages, before any launch
 # ------------------------------------------------------------------------------------------------
@@ -382,7 +536,8 @@ def no_launch(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a kernel was launched for invalid input")
 
-    monkeypatch.setattr(_legacy, "_launch_rows", refuse)
+    monkeypatch.setattr(gpu_rowpass, "launch", refuse)
+    monkeypatch.setattr(gpu_backward, "launch", refuse)
 
 
 def host_error(z, y):
@@ -400,28 +555,30 @@ def test_device_label_out_of_range(rng, no_launch, bad):
     assert "labels[1, 2]" in message and f"= {bad}" in message and "row 5" in message
     for labels in (y, cuda.to_device(y)):
         with pytest.raises(ValueError) as info:
-            pc.device_cross_entropy(cuda.to_device(z), labels, IGN, "mean")
+            pn.cross_entropy(cuda.to_device(z), labels)
         assert str(info.value) == message
         with pytest.raises(ValueError, match="row 5"):
-            pc.device_cross_entropy_sum(cuda.to_device(z), labels, IGN)
+            pn.cross_entropy_and_grad(cuda.to_device(z), labels, reduction="sum")
 
 
 def test_device_shape_and_dtype_errors(rng, no_launch):
     z = cuda.to_device(rng.standard_normal((4, 6)).astype(np.float32))
     with pytest.raises(ValueError, match="does not match logits shape"):
-        pc.device_cross_entropy(z, np.zeros(3, np.int64), IGN, "mean")
+        pn.cross_entropy(z, np.zeros(3, np.int64))
     with pytest.raises(ValueError, match="at least 2 dimensions"):
-        pc.device_logsumexp(cuda.to_device(np.zeros(5, np.float32)))
+        pn.logsumexp(cuda.to_device(np.zeros(5, np.float32)))
     with pytest.raises(ValueError, match="empty vocabulary"):
-        pc.device_logsumexp(cuda.to_device(np.zeros((3, 0), np.float32)))
+        pn.logsumexp(cuda.to_device(np.zeros((3, 0), np.float32)))
     with pytest.raises(TypeError, match="real floats"):
-        pc.device_logsumexp(cuda.to_device(np.zeros((3, 2), np.int32)))
+        pn.logsumexp(cuda.to_device(np.zeros((3, 2), np.int32)))
     with pytest.raises(TypeError, match="labels must be integers"):
-        pc.device_cross_entropy_sum(z, cuda.to_device(np.zeros(4, np.bool_)), IGN)
+        pn.cross_entropy(z, cuda.to_device(np.zeros(4, np.bool_)), reduction="sum")
     with pytest.raises(TypeError, match="ignore_index"):
-        pc.device_cross_entropy(z, np.zeros(4, np.int64), 1.5, "mean")
+        pn.cross_entropy(z, np.zeros(4, np.int64), ignore_index=1.5)
     with pytest.raises(ValueError, match="reduction"):
-        pc.device_cross_entropy(z, np.zeros(4, np.int64), IGN, "max")
+        pn.cross_entropy(z, np.zeros(4, np.int64), reduction="max")
+    with pytest.raises(TypeError, match="same device"):
+        pn.kl_divergence(z, np.zeros((4, 6), np.float32))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -434,9 +591,9 @@ def test_shuffle_and_tree_reductions_agree(rng, monkeypatch, dtype):
     z = hard_logits(rng, 300, 5000, dtype)
     y = labels_for(rng, z)
     monkeypatch.setattr(config, "CUDA_USE_SHUFFLE", True)
-    shuffled = pc.cross_entropy_rows(z, y, IGN)
+    shuffled = ce_rows(z, y)
     monkeypatch.setattr(config, "CUDA_USE_SHUFFLE", False)
-    tree = pc.cross_entropy_rows(z, y, IGN)
+    tree = ce_rows(z, y)
     tol = TOL64 if dtype == np.float64 else TOL32
     assert rel_err(shuffled, exact_ce(z, y)) < tol and rel_err(tree, exact_ce(z, y)) < tol
 
@@ -449,11 +606,11 @@ def test_large_vocab_and_timing_sanity(rng):
     z = (rng.standard_normal((256, 128256)) * 3).astype(np.float32)
     y = rng.integers(0, z.shape[1], 256)
     d_z, d_y = cuda.to_device(z), cuda.to_device(y)
-    assert rel_err(pc.device_cross_entropy(d_z, d_y, IGN, "none").copy_to_host(), exact_ce(z, y)) < TOL32
-    pc.device_cross_entropy_sum(d_z, d_y, IGN)  # warm
+    assert rel_err(ce_rows(d_z, d_y), exact_ce(z, y)) < TOL32
+    pn.cross_entropy(d_z, d_y, reduction="sum")  # warm
     start = time.perf_counter()
     for _ in range(5):
-        pc.device_cross_entropy_sum(d_z, d_y, IGN)
+        pn.cross_entropy(d_z, d_y, reduction="sum")
     per_call = (time.perf_counter() - start) / 5
     assert per_call < 0.05, f"{per_call * 1e3:.1f} ms for a 131 MB batch"
 

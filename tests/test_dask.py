@@ -14,10 +14,10 @@ import ptx_numba.dask as pnd  # noqa: E402
 from test_cli import expected_loss, run_json  # noqa: E402
 from test_cli_shards import make_shards  # noqa: E402
 
-COMBINE_RTOL = 1e-12
+COMBINE_RTOL = 1e-12  # the same kernels per block: only the float64 combine order differs
 # On the cluster the backend is named: under "auto" each worker would first import numba.cuda to
 # look for a GPU (seconds per worker process), which the test does not need to pay for.
-HOST = "cpu" if "cpu" in pn.available_backends() else "reference"  # the same kernels per block: only the float64 combine order differs
+HOST = "cpu" if "cpu" in pn.available_backends() else "reference"
 
 
 def ce_exact(logits, labels, ignore_index=-100):
@@ -196,3 +196,81 @@ def test_cli_workers_starts_and_stops_its_own_cluster(capsys, rng, tmp_path):
     result = run_json(capsys, "score", d, "--workers", "1", "--backend", HOST)
     assert result["shards_scored"] == 3 and result["backend"] == HOST
     assert abs(result["ce"] - expected_loss(logits, labels, 1, 0)[2]) <= 2e-5 * max(1.0, abs(result["ce"]))
+
+
+# --------------------------------------------------------------------------------------------
+# The graph plumbing of the wrappers for functions documented but possibly not yet in the core,
+# exercised with stand-ins that follow the documented signatures (in-process schedulers only).
+# --------------------------------------------------------------------------------------------
+def _fake_token_logprobs(logits, tokens, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+                         backend="auto"):
+    z = np.asarray(logits, np.float64) / temperature
+    top = z.max(axis=-1, keepdims=True)
+    logp_all = z - top - np.log(np.exp(z - top).sum(axis=-1, keepdims=True))
+    t = np.asarray(tokens)
+    valid = t != ignore_index
+    lp = np.where(valid, np.take_along_axis(logp_all, np.where(valid, t, 0)[..., None], -1)[..., 0], 0.0)
+    dtype = np.float64 if np.asarray(logits).dtype == np.float64 else np.float32
+    if return_entropy:
+        p = np.exp(logp_all)
+        terms = np.where(p > 0, p * np.where(p > 0, logp_all, 0.0), 0.0)  # 0 * log 0 = 0 at -inf logits
+        return lp.astype(dtype), (-terms.sum(axis=-1)).astype(dtype)
+    return lp.astype(dtype)
+
+
+def _fake_kl_penalty(logits, ref_logits, tokens, *, estimator="k1", temperature=1.0, ignore_index=-100,
+                     backend="auto"):
+    r = (_fake_token_logprobs(logits, tokens, temperature=temperature, ignore_index=ignore_index)
+         - _fake_token_logprobs(ref_logits, tokens, temperature=temperature, ignore_index=ignore_index))
+    return r if estimator == "k1" else np.exp(-r) - 1 + r
+
+
+def _fake_linear_cross_entropy(hidden, weight, labels, *, bias=None, ignore_index=-100, reduction="mean",
+                               label_smoothing=0.0, z_loss=0.0, softcap=None, chunk_size=None, backend="auto"):
+    logits = np.asarray(hidden) @ np.asarray(weight).T  # float32 stays float32, as documented
+    if bias is not None:
+        logits = logits + bias
+    return pn.cross_entropy(logits, labels, ignore_index=ignore_index, reduction=reduction, backend=backend)
+
+
+@pytest.fixture
+def stand_ins(monkeypatch):
+    for name, fn in (("token_logprobs", _fake_token_logprobs), ("kl_penalty", _fake_kl_penalty),
+                     ("linear_cross_entropy", _fake_linear_cross_entropy)):
+        if not hasattr(pn, name):
+            monkeypatch.setattr(pn, name, fn, raising=False)
+    return pn
+
+
+def test_wrapper_plumbing_with_documented_signatures(rng, scheduler, stand_ins):
+    x, t = batch(rng, shape=(13, 2), vocab=29)
+    t[t < 0] = 0
+    ref = x + rng.standard_normal(x.shape).astype(np.float32)
+    dx, dref = da.from_array(x, chunks=(4, 1, 10)), da.from_array(ref, chunks=(5, 2, 29))
+    dt = da.from_array(t, chunks=(3, 2))
+    np.testing.assert_array_equal(pnd.token_logprobs(dx, dt).compute(), pn.token_logprobs(x, t))
+    lp, ent = dask.compute(*pnd.token_logprobs(dx, dt, return_entropy=True, temperature=0.7))
+    want_lp, want_ent = pn.token_logprobs(x, t, return_entropy=True, temperature=0.7)
+    np.testing.assert_array_equal(lp, want_lp)
+    np.testing.assert_array_equal(ent, want_ent)
+    np.testing.assert_array_equal(pnd.kl_penalty(dx, dref, dt, estimator="k3").compute(),
+                                  pn.kl_penalty(x, ref, t, estimator="k3"))
+    h = rng.standard_normal((17, 8)).astype(np.float32)
+    w = rng.standard_normal((11, 8)).astype(np.float32)
+    b = rng.standard_normal(11).astype(np.float32)
+    y = rng.integers(0, 11, size=17)
+    y[4] = -100
+    dh = da.from_array(h, chunks=(5, 4))
+    for bias in (None, b):
+        got = float(pnd.linear_cross_entropy(dh, w, y, bias=bias).compute())
+        want = pn.linear_cross_entropy(h, w, y, bias=bias)
+        assert abs(got - want) <= COMBINE_RTOL * max(1.0, abs(want))
+        np.testing.assert_array_equal(pnd.linear_cross_entropy(dh, w, y, bias=bias, reduction="none").compute(),
+                                      pn.linear_cross_entropy(h, w, y, bias=bias, reduction="none"))
+    assert float(pnd.linear_cross_entropy(dh, w, np.full(17, -100)).compute()) == 0.0
+
+
+def test_wrappers_say_when_the_core_function_is_missing(monkeypatch):
+    monkeypatch.delattr(pn, "token_logprobs", raising=False)
+    with pytest.raises(NotImplementedError, match="needs ptx_numba.token_logprobs"):
+        pnd.token_logprobs(np.zeros((2, 3), np.float32), np.zeros(2, int))

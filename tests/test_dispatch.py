@@ -402,3 +402,16 @@ def test_reset_for_tests_restores_everything():
     _dispatch._backends["cpu"] = fake_backend("cpu", fail_with=pn.KernelUnavailable("y"))
     with pytest.warns(RuntimeWarning, match="y"):  # warns again after a reset
         pn.logsumexp(Z)
+
+
+def test_auto_on_a_small_host_batch_never_imports_numba_cuda():
+    """Asking about a GPU costs seconds (importing numba.cuda); small host batches must not pay it."""
+    import subprocess
+
+    code = ("import sys, numpy as np, ptx_numba as pn\n"
+            "pn.cross_entropy(np.zeros((4, 64), np.float32), np.zeros(4, int))\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('numba.cuda', 'numba_cuda'))))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PTX_NUMBA_BACKEND"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]", res.stdout

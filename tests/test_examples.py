@@ -101,6 +101,7 @@ def test_ppo_ptx_step_runs_or_says_why_not():
 #: Pages whose ```python blocks run in order in one interpreter, with what they need.
 PAGES = {
     "README.md#API": [],
+    "README.md#Training with torch": ["torch", "ptx_numba.torch:PTXLoss"],
     "docs/index.md": [],
     "docs/getting-started.md": [],
     "docs/guide/scoring.md": ["ml_dtypes"],

@@ -4,7 +4,8 @@ float32/bf16/fp16 inner loops (``@pytest.mark.sass``; needs ``numba-cuda[cu13]``
 
 The test session runs on the CUDA simulator, which generates no code, so the compiler runs once per
 session in a subprocess with ``NUMBA_ENABLE_CUDASIM=0`` (``tests/gpu_sass_compile.py``) and the
-tests read its JSON report. ``PTX_NUMBA_SASS_FULL=1`` compiles every spec in every transform.
+tests read its JSON report. ``PTX_NUMBA_SASS_FULL=1`` adds every mixed pair of encodings and the tree reduction of every key
+(see the script's docstring for what the default set leaves out and why).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ if not _has_toolchain():
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
+def compiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("sass") / "report.json"
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
@@ -47,16 +48,34 @@ def report(tmp_path_factory):
         args.append("--full")
     res = subprocess.run(args, capture_output=True, text=True, env=env, timeout=3000)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    return json.loads(out.read_text())["results"]
+    return json.loads(out.read_text())
 
 
-def test_every_kernel_assembles_without_spills(report):
-    kernels = [r for r in report if r["kind"] == "kernel"]
-    assert len(kernels) >= 40
+@pytest.fixture(scope="module")
+def report(compiled):
+    return compiled["results"]
+
+
+def test_every_listed_kernel_was_compiled(compiled):
+    # The script compiles exactly the keys of ptx_numba.gpu.kernels.variants (every encoding,
+    # transform kind, moment set and coefficient set the public ops launch), each once.
+    names = [r["name"] for r in compiled["results"] if r["kind"] == "kernel"]
+    assert sorted(names) == sorted(compiled["expected"])
+    assert len(set(names)) == len(names)
+    stats = [n for n in names if n.startswith("stats:")]
+    grads = [n for n in names if n.startswith("grad:")]
+    assert {n.split(":")[1].split(",")[0] for n in stats + grads} == {"f32", "f64", "f16", "bf16"}
+    assert len(stats) >= 36 + 18 and len(grads) >= 28
+    assert compiled["cc90"], "some kernels must also be compiled by NVVM for cc 9.0"
+
+
+def test_every_kernel_assembles_without_spills(compiled, report):
+    cc90 = set(compiled["cc90"])
     bad = []
-    for r in kernels:
+    for r in (r for r in report if r["kind"] == "kernel"):
         targets = {k: v for k, v in r.items() if k.startswith("cc")}
-        assert set(targets) == {"cc80->sm_80", "cc80->sm_90", "cc90->sm_90"}, (r["name"], targets)
+        want = {"cc80->sm_80", "cc80->sm_90"} | ({"cc90->sm_90"} if r["name"] in cc90 else set())
+        assert set(targets) == want, (r["name"], targets)
         for tag, res in targets.items():
             if not res["ok"] or res["spill_bytes"] != 0 or res["registers"] <= 0:
                 bad.append((r["name"], tag, res))
@@ -68,7 +87,7 @@ def test_inner_loops_have_no_float64_arithmetic(report):
     assert {r["name"].split(":")[0] for r in loops} == {"scan", "grad_row"}
     assert {r["name"].split(":")[1].split(",")[0] for r in loops} == {"f32", "f16", "bf16"}
     for r in loops:
-        assert r["cc80"]["ok"], r
+        assert r["ok"], r
         assert r["f64_ops"] == [], (r["name"], r["f64_ops"])
 
 

@@ -21,6 +21,7 @@ from ..api import KernelUnavailable
 from . import bench as _bench_cmd
 from ._errors import CLIError, Parser
 from .npyfile import HALF_DTYPES
+from .hidden import score_hidden
 from .run import DEFAULT_SCHEDULER_TIMEOUT, score
 from .shard import check_ignore_index, json_ready
 
@@ -52,13 +53,16 @@ def _positive_float(text: str) -> float:
 
 
 def _cmd_score(args) -> int:
-    result = score(
+    if args.hidden or args.weight or args.bias:
+        result = _score_hidden(args)
+    else:
+        result = score(
         args.logits, args.labels, beta=args.beta, rl_loss=args.rl_loss,
         ignore_index=check_ignore_index(args.ignore_index), backend=args.backend,
         block_rows=args.block_rows, dtype=args.dtype, op=args.op, per_row=args.per_row,
         checkpoint=args.checkpoint, progress=True if args.progress else None, scheduler=args.scheduler,
         workers=args.workers, scheduler_timeout=args.scheduler_timeout,
-    )
+        )
     if args.json:
         print(json.dumps(json_ready(result), allow_nan=False))
         return 0
@@ -71,6 +75,21 @@ def _cmd_score(args) -> int:
           f"{result['shards']} shard{'s' if result['shards'] != 1 else ''})")
     print(f"backend {result['backend']}")
     return 0
+
+
+def _score_hidden(args) -> dict:
+    """The ``--hidden/--weight`` form: the one positional is the labels file."""
+    if not (args.hidden and args.weight):
+        raise CLIError("--hidden and --weight go together (hidden states and the [V, D] LM head)")
+    if args.labels is not None:
+        raise CLIError("with --hidden, give one positional argument: the labels .npy")
+    for flag, value in (("--checkpoint", args.checkpoint), ("--per-row", args.per_row),
+                        ("--scheduler", args.scheduler), ("--workers", args.workers), ("--dtype", args.dtype)):
+        if value:
+            raise CLIError(f"{flag} is not available with --hidden")
+    return score_hidden(args.hidden, args.weight, args.logits, bias_path=args.bias, beta=args.beta,
+                        rl_loss=args.rl_loss, ignore_index=check_ignore_index(args.ignore_index),
+                        backend=args.backend, block_rows=args.block_rows)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=_positive_int, help="run the shards on a local Dask cluster")
     s.add_argument("--scheduler-timeout", type=_positive_float, default=DEFAULT_SCHEDULER_TIMEOUT,
                    help=f"seconds to wait for --scheduler (default {DEFAULT_SCHEDULER_TIMEOUT:g})")
+    s.add_argument("--hidden", metavar="H.npy", help="score hidden states [..., D] through --weight "
+                   "(then the one positional argument is the labels .npy)")
+    s.add_argument("--weight", metavar="W.npy", help="the LM head [V, D] for --hidden")
+    s.add_argument("--bias", metavar="B.npy", help="the LM head's bias [V] for --hidden")
     s.add_argument("--progress", action="store_true", help="progress bar even when stderr is not a TTY")
     s.add_argument("--json", action="store_true", help="print the result as one JSON object")
     s.set_defaults(run=_cmd_score)

@@ -41,6 +41,9 @@ def _check_output(path: str | None, option: str) -> None:
 def _default_threads() -> int:
     import numba
 
+    from ..cpu import threads
+
+    threads.prepare()  # before Numba starts its threads: the layer the kernels will use (docs/threads.md)
     return numba.get_num_threads()
 
 

@@ -6,6 +6,7 @@ the shards' float64 partial sums in shard order, whatever order they finished in
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -16,7 +17,9 @@ from numpy.lib.format import open_memmap
 
 from ._errors import CLIError
 from .checkpoint import Checkpoint
-from .shard import Settings, Shard, inspect, resolve_backend, score_shard, score_shard_safely, shard_name
+from .shard import (Settings, Shard, default_block_rows, inspect, resolve_backend, score_shard,
+                    score_shard_safely, shard_name)
+from . import zarrstore
 from .shards import discover, is_dataset
 
 #: Seconds to wait for a Dask scheduler before giving up (``--scheduler-timeout``).
@@ -111,18 +114,24 @@ def score(source: str, labels: str | None = None, *, beta: float | None = None,
         if labels is not None:
             kind = "is a directory" if os.path.isdir(source) else "is a glob"
             raise CLIError(f"{source} {kind} (a dataset of shards); give no labels file beside it")
-        shards = discover(source)
+        shards = zarrstore.discover(source) if zarrstore.is_zarr_store(source) else discover(source)
     else:
         if labels is None:
             raise CLIError(f"{source} is a single logits file: give its labels file too")
         shards = [Shard(name=shard_name(source), logits=source, labels=labels)]
-    settings = Settings(ignore_index=ignore_index, backend=resolve_backend(backend), block_rows=block_rows,
+    resolve_backend(backend)  # an unknown or unavailable backend fails before any file is read
+    settings = Settings(ignore_index=ignore_index, backend="reference", block_rows=block_rows,
                         dtype=dtype, op=op, per_row=per_row is not None)
     infos = [inspect(s, settings) for s in shards]
     vocab = infos[0]["vocab"]
     for shard, info in zip(shards, infos):
         if info["vocab"] != vocab:
             raise CLIError(f"shard {shard.name} has V={info['vocab']}, but {shards[0].name} has V={vocab}")
+    # auto is resolved once, as the API would resolve it for the run's largest block
+    itemsize = max(np.dtype(_itemsize_dtype(i)).itemsize for i in infos)
+    block = (block_rows or default_block_rows(vocab, itemsize)) * vocab * itemsize
+    largest = min(block, max(i["rows"] for i in infos) * vocab * itemsize)
+    settings = dataclasses.replace(settings, backend=resolve_backend(backend, nbytes=largest))
     ckpt = None
     if checkpoint:
         dataset = {"source": os.path.abspath(source), "shards": [s.name for s in shards], "vocab": vocab}

@@ -55,10 +55,10 @@ def check_ignore_index(value: int) -> int:
     return value
 
 
-def resolve_backend(name: str) -> str:
-    """The backend that will actually run on host input (``auto`` resolved), or a CLIError."""
+def resolve_backend(name: str, nbytes: int = 0) -> str:
+    """The backend that runs on host blocks of ``nbytes`` (``auto`` resolved as the API would)."""
     try:
-        return _dispatch.resolve(name, on_device=False).name
+        return _dispatch.resolve(name, on_device=False, nbytes=nbytes).name
     except (ValueError, TypeError, _dispatch.BackendUnavailableError) as exc:
         raise CLIError(str(exc)) from None
 
@@ -81,6 +81,10 @@ def flat_labels(labels: np.ndarray, batch_shape: tuple, vocab: int, ignore_index
 
 def inspect(shard: Shard, settings: Settings) -> dict:
     """Check a shard's headers (no data read): ``rows``, ``vocab``, ``dtype``, ``size``, ``mtime_ns``."""
+    if not isinstance(shard, Shard):
+        from . import zarrstore
+
+        return zarrstore.inspect(shard, settings)
     with NpyFile(shard.logits, "logits") as lf, NpyFile(shard.labels, "labels") as yf:
         shape = lf.shape
         if len(shape) < 2:
@@ -107,7 +111,7 @@ def score_shard(shard: Shard, settings: Settings, on_rows=None) -> dict:
 
     Parameters
     ----------
-    shard : Shard
+    shard : Shard or ZarrShard
     settings : Settings
     on_rows : callable, optional
         Called with the number of rows of each block once it is scored (progress).
@@ -116,9 +120,13 @@ def score_shard(shard: Shard, settings: Settings, on_rows=None) -> dict:
     -------
     dict
         ``sum`` (float64 sum of CE over valid rows), ``count`` (valid rows), ``rows``, ``blocks``,
-        ``size`` and ``mtime_ns`` (of the files as opened), and ``per_row`` (an ndarray in C order
-        of the rows, CE or log-probs; ignored rows 0) when ``settings.per_row``.
+        ``size`` and ``mtime_ns`` (``[logits, labels]``, of the files as opened), and ``per_row`` (an
+        ndarray in C order of the rows, CE or log-probs; ignored rows 0) when ``settings.per_row``.
     """
+    if not isinstance(shard, Shard):
+        from . import zarrstore
+
+        return zarrstore.score_shard(shard, settings, on_rows)
     with NpyFile(shard.logits, "logits") as lf, NpyFile(shard.labels, "labels") as yf:
         if len(lf.shape) < 2 or lf.shape[-1] == 0:
             raise CLIError(f"logits in {shard.logits} must have shape [..., V] with V > 0, got {lf.shape}")
@@ -126,32 +134,43 @@ def score_shard(shard: Shard, settings: Settings, on_rows=None) -> dict:
         batch_shape, vocab = lf.shape[:-1], lf.shape[-1]
         labels = flat_labels(yf.read_all(), batch_shape, vocab, settings.ignore_index, lf.row_order,
                              shard.name)
-        size, mtime_ns = [lf.size, yf.size], [lf.mtime_ns, yf.mtime_ns]
-        rows = labels.shape[0]
-        block_rows = settings.block_rows or default_block_rows(vocab, dtype.itemsize)
         read = lf.rows(dtype)
-        per_row = np.zeros(rows, np.float64 if dtype == np.float64 else np.float32) if settings.per_row else None
-        total, blocks = 0.0, 0
-        for first in range(0, rows, block_rows):
-            last = min(first + block_rows, rows)
-            y = labels[first:last]
-            if per_row is not None:
-                values = read(first, last, lambda x: _cross_entropy(
-                    x, y, ignore_index=settings.ignore_index, reduction="none", backend=settings.backend))
-                per_row[first:last] = values
-                total += float(np.sum(values, dtype=np.float64))
-            else:
-                total += read(first, last, lambda x: _cross_entropy(
-                    x, y, ignore_index=settings.ignore_index, reduction="sum", backend=settings.backend))
-            blocks += 1
-            if on_rows is not None:
-                on_rows(last - first)
-    count = int(np.count_nonzero(labels != settings.ignore_index))
-    record = {"sum": total, "count": count, "rows": rows, "blocks": blocks, "size": size,
-              "mtime_ns": mtime_ns}
+        record = _score_blocks(read, labels, vocab, dtype, settings, on_rows)
+        record.update(size=[lf.size, yf.size], mtime_ns=[lf.mtime_ns, yf.mtime_ns])
+    if "per_row" in record and lf.row_order == "F":  # rows were walked in Fortran order of the batch
+        record["per_row"] = record["per_row"].reshape(batch_shape, order="F").ravel(order="C")
+    return record
+
+
+def score_arrays(logits: np.ndarray, labels: np.ndarray, settings: Settings, where: str, on_rows=None) -> dict:
+    """Score in-memory ``[rows, V]`` logits with flat labels in blocks (a Zarr chunk)."""
+    vocab = logits.shape[-1]
+    flat = flat_labels(labels, (logits.shape[0],), vocab, settings.ignore_index, "C", where)
+    return _score_blocks(lambda a, b, fn: fn(logits[a:b]), flat, vocab, logits.dtype, settings, on_rows)
+
+
+def _score_blocks(read, labels, vocab, dtype, settings: Settings, on_rows) -> dict:
+    rows = labels.shape[0]
+    block_rows = settings.block_rows or default_block_rows(vocab, dtype.itemsize)
+    per_row = np.zeros(rows, np.float64 if dtype == np.float64 else np.float32) if settings.per_row else None
+    total, blocks = 0.0, 0
+    for first in range(0, rows, block_rows):
+        last = min(first + block_rows, rows)
+        y = labels[first:last]
+        if per_row is not None:
+            values = read(first, last, lambda x: _cross_entropy(
+                x, y, ignore_index=settings.ignore_index, reduction="none", backend=settings.backend))
+            per_row[first:last] = values
+            total += float(np.sum(values, dtype=np.float64))
+        else:
+            total += read(first, last, lambda x: _cross_entropy(
+                x, y, ignore_index=settings.ignore_index, reduction="sum", backend=settings.backend))
+        blocks += 1
+        if on_rows is not None:
+            on_rows(last - first)
+    record = {"sum": total, "count": int(np.count_nonzero(labels != settings.ignore_index)),
+              "rows": rows, "blocks": blocks}
     if per_row is not None:
-        if lf.row_order == "F":  # rows were walked in Fortran order of the batch shape
-            per_row = per_row.reshape(batch_shape, order="F").ravel(order="C")
         if settings.op == "logprobs":
             per_row = np.negative(per_row) + 0.0  # + 0.0: ignored rows give 0.0, not -0.0
         record["per_row"] = per_row

@@ -6,6 +6,7 @@ Layout:
   :func:`row_stats` driver; :mod:`.moments` - the walk for every other :class:`StatsSpec`;
   :mod:`.finish` - merging pieces, targets and canonical special rows;
 * :mod:`.backward` - the gradient pass :func:`row_grad`;
+* :mod:`.threads` - Numba's threading layer: TBB preferred, fork after GNU OpenMP, concurrent calls;
 * :mod:`.simd` - the loops: :mod:`.simd.primitives` (vectorizable exp, decoding),
   :mod:`.simd.avx2` (hand-written AVX2 exp-sums), :mod:`.simd.shift` (their shift arithmetic),
   :mod:`.simd.isa` (the ISA markers the walk is compiled for).
@@ -29,6 +30,7 @@ try:  # numba is a core dependency, but a broken install must degrade, not break
 
     from . import backward as _backward
     from . import rowpass as _rowpass
+    from . import threads as _threads
     from .rowpass import pieces_per_row  # noqa: F401  (policy, used by tests)
 
     _IMPORT_ERROR = ""
@@ -40,11 +42,14 @@ _ARGUMENT_ERRORS = (ValueError, TypeError, OverflowError, MemoryError, KeyboardI
 
 
 def _kernel_call(fn, *args):
-    """Run a kernel driver; a failure to compile or load becomes KernelUnavailable."""
+    """Run a kernel driver; a failure to compile or load becomes KernelUnavailable.
+
+    The call goes through :func:`ptx_numba.cpu.threads.call` (threading layer, fork, concurrency).
+    """
     from numba.core.errors import NumbaError
 
     try:
-        return fn(*args)
+        return _threads.call(fn, *args)
     except NumbaError as exc:  # typing, lowering or cache-load failures of the first compile
         raise KernelUnavailable(f"the CPU kernel could not be compiled: {type(exc).__name__}: {exc}") from exc
     except _ARGUMENT_ERRORS:

@@ -15,19 +15,31 @@ still vectorize (LLVM's run-time overlap check sees two distinct ranges).
 Without a softcap the shift is carried in the stored domain as a float32 pair ``mh + ml``
 (``rel = ((z - mh) - ml) * inv_temperature``), so a row at an offset of 3e4 keeps ``rel`` to
 float32 rounding of ``rel`` itself, not of the offset.
+
+Rows with only ``A``, ``C``, ``D`` terms, no temperature and no softcap (cross entropy, z-loss,
+label smoothing) of float32 / bfloat16 / float16 logits with a 32- or 16-bit gradient take the
+hand-written loop of :mod:`.simd.gradloop` instead (AVX2 hosts, unless ``config.CPU_AVX2`` is
+False): the exp-sum loops' term, ``A/s`` and the shift folded into one factor, one pass straight
+into ``out``. The label entry is always formed by the formula above, after the loop.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic, overload
 
+from .. import config
 from .._rowpass import GradCoef, RowStats, StatsSpec
 from ._jit import CHUNK, jit
 from .moments import _ratio, _slice, kscale, tvalue
 from .rowpass import flat_rows
+from .simd import avx2 as _avx2
+from .simd.gradloop import grad_row
 from .simd.primitives import f32_to_bits, fast_exp, zero_like
+from .simd.shift import K8, S_LIMIT, shift_constants
 
 _U16 = np.uint32(0xFFFF)
 _ROUND = np.uint32(0x7FFF)
@@ -126,15 +138,33 @@ def _buffer_overload(n, like):
     return lambda n, like: np.empty(n, dtype=np.float32)
 
 
-def _wrel(wchunk, j, mh, ml, kw, cap, ratio):
+def _rel(v, mh, ml, k):
+    """``((v - mh) - ml) * k`` in exactly that order (Numba-only)."""
     raise NotImplementedError
 
 
-@overload(_wrel, jit_options={"fastmath": {"nsz", "arcp", "contract", "afn", "reassoc"}, "cache": True})
-def _wrel_overload(wchunk, j, mh, ml, kw, cap, ratio):
+# No "reassoc" here: with it LLVM rewrites (v - mh) - ml as v - (mh + ml), hoists mh + ml out of
+# the loop and rounds it to mh in float32, dropping the low part (a 1e-3 error in rel at a 3e4
+# offset; tests/test_cpu_backward.py::test_shift_off_the_float32_grid_keeps_its_low_part).
+@overload(_rel, jit_options={"fastmath": {"contract"}, "cache": True})
+def _rel_overload(v, mh, ml, k):
+    return lambda v, mh, ml, k: ((v - mh) - ml) * k
+
+
+def _inner(a, b, e, rel, wchunk, j, wh, wl, kw, cap, ratio):
+    """``A + B rel (+ E (w'_j - m_w))`` in the compute type of ``rel`` (Numba-only)."""
+    raise NotImplementedError
+
+
+@overload(_inner, jit_options={"fastmath": {"nsz", "arcp", "contract", "afn", "reassoc"}, "cache": True})
+def _inner_overload(a, b, e, rel, wchunk, j, wh, wl, kw, cap, ratio):
     if isinstance(wchunk, types.NoneType):
-        return lambda wchunk, j, mh, ml, kw, cap, ratio: 0.0
-    return lambda wchunk, j, mh, ml, kw, cap, ratio: ((tvalue(wchunk[j], cap, ratio) - mh) - ml) * kw
+        # No E term at all: an ``e * 0.0`` with a float64 literal promoted the whole float32
+        # element formula to float64 lanes (half the SIMD width, converts both ways; seen in
+        # inspect_asm), and without "nnan" LLVM may not fold the multiply away.
+        return lambda a, b, e, rel, wchunk, j, wh, wl, kw, cap, ratio: a + b * rel
+    return lambda a, b, e, rel, wchunk, j, wh, wl, kw, cap, ratio: (
+        a + b * rel + e * (_rel(tvalue(wchunk[j], cap, ratio), wh, wl, kw)))
 
 
 def _wfirst(w, like):
@@ -148,22 +178,54 @@ def _wfirst_overload(w, like):
     return lambda w, like: w[0]
 
 
-@jit()
+# strict: with "reassoc", LLVM may fold ((v - mh) - ml) into v - (mh + ml), and mh + ml rounds
+# back to the float32 shift: 1.3e-4 absolute gradient error at offsets of 3e4 (conformance test).
+@jit(strict=True)
 def _chunk_grad(chunk, wchunk, buf, mh, ml, k, wh, wl, kw, inv_s, a, b, d, e, cap, inv_t, ratio):
     """``buf[:n] = g * dz'/dz`` for one chunk (no label term)."""
     zero = zero_like(buf[0])
     for j in range(chunk.size):
         v = tvalue(chunk[j], cap, ratio)
-        rel = ((v - mh) - ml) * k
+        rel = _rel(v, mh, ml, k)
         p = fast_exp(rel) * inv_s
-        inner = a + b * rel + e * _wrel(wchunk, j, wh, wl, kw, cap, ratio)
+        inner = _inner(a, b, e, rel, wchunk, j, wh, wl, kw, cap, ratio)
         g = d + (p * inner if p > zero else zero)
         buf[j] = g * dscale(v, cap, inv_t, k)
 
 
+def _fast_row(x, out, m, s, a, d, wrow, cap, k):
+    """Write the row by :func:`.simd.gradloop.grad_row` when it applies; False if not (Numba-only)."""
+    raise NotImplementedError
+
+
+_FAST_IN = {types.float32: np.float32, types.uint16: np.uint16, types.int16: np.int16}
+
+
+@overload(_fast_row, jit_options={"cache": True})
+def _fast_row_overload(x, out, m, s, a, d, wrow, cap, k):
+    usable = (isinstance(wrow, types.NoneType) and isinstance(cap, types.NoneType)
+              and x.dtype in _FAST_IN and out.dtype in _FAST_IN and _avx2.supports(np.dtype(_FAST_IN[x.dtype])))
+    if not usable:
+        return lambda x, out, m, s, a, d, wrow, cap, k: False
+    limit = (S_LIMIT - 16.0) / float(K8)
+
+    def impl(x, out, m, s, a, d, wrow, cap, k):
+        # no temperature, a finite shift in the loop's range, a positive finite sum
+        if not (k == np.float32(1.0) and abs(m) < limit and s > 0.0 and s < np.inf):
+            return False
+        used, ms, lo, hi, corr = shift_constants(m)
+        # p_j = exp(x_j - m) / s = term_j * corr * exp(used - m) / s, term_j from the loop
+        fa = np.float32(a * (corr * math.exp(used - m) / s))
+        if not abs(fa) < np.inf:
+            return False
+        grad_row(x, out, K8, ms, lo, hi, fa, np.float32(d))
+        return True
+    return impl
+
+
 @jit(parallel=True)
 def grad_kernel(flat, row0, stride, wflat, wrow0, wstride, oflat, orow0, ostride, y, vocab,
-                inv_t, cap, m, s, m_w, coef):
+                inv_t, cap, m, s, m_w, coef, simd):
     """Write every row's gradient (see the module docstring)."""
     n_rows = m.size
     ratio = _ratio(cap, inv_t)
@@ -191,12 +253,16 @@ def grad_kernel(flat, row0, stride, wflat, wrow0, wstride, oflat, orow0, ostride
         g_label = zero_like(like)
         if label >= 0:  # read before the row is overwritten (out may alias x)
             v = tvalue(x[label], cap, ratio)
-            rel = ((v - mh) - ml) * k
+            rel = _rel(v, mh, ml, k)
             p = fast_exp(rel) * inv_s
             g = cd + _cast(c, like)
             if p > zero_like(like):
-                g += p * (ca + cb * rel + ce * _wrel(wrow, label, wh, wl, kw, cap, ratio))
+                g += p * _inner(ca, cb, ce, rel, wrow, label, wh, wl, kw, cap, ratio)
             g_label = g * dscale(v, cap, inv_t, k)
+        if simd and b == 0.0 and e == 0.0 and _fast_row(x, out, m[row], s[row], a, d, wrow, cap, k):
+            if label >= 0:
+                out[label] = encode(g_label, out[0])
+            continue
         buf = _buffer(min(CHUNK, vocab), like)
         for start in range(0, vocab, CHUNK):
             stop = min(start + CHUNK, vocab)
@@ -266,7 +332,8 @@ def row_grad(x: np.ndarray, y: np.ndarray, spec: StatsSpec, stats: RowStats, coe
         wflat, wrow0, wstride = flat_rows(w, "w")
         m_w = np.ascontiguousarray(stats.m_w, dtype=np.float64)
         grad_kernel(flat, row0, stride, wflat, wrow0, wstride, oflat, orow0, ostride,
-                    np.ascontiguousarray(y), vocab, inv_t, cap, m, s, m_w, table)
+                    np.ascontiguousarray(y), vocab, inv_t, cap, m, s, m_w, table, False)
     else:
         grad_kernel(flat, row0, stride, None, 0, 0, oflat, orow0, ostride,
-                    np.ascontiguousarray(y), vocab, inv_t, cap, m, s, np.zeros(n), table)
+                    np.ascontiguousarray(y), vocab, inv_t, cap, m, s, np.zeros(n), table,
+                    config.CPU_AVX2 is not False)

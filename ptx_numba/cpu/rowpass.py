@@ -15,8 +15,8 @@ The story of one row ``z`` (length V):
 
 The walk (:func:`walk`) is written once. Its exp-sum loop comes from the ISA marker it is compiled
 for (:mod:`.simd.isa`: the portable loop or the hand-written AVX2 one), chosen at compile time.
-The plain statistics (``m``, ``s``, target) run here; every other :class:`StatsSpec` runs the
-moments walk of :mod:`.moments`.
+The plain statistics (``m``, ``s``, target) run here, the plain ones plus entropy on the same
+loops in :mod:`.entropy`; every other :class:`StatsSpec` runs the moments walk of :mod:`.moments`.
 
 Rows are read in place: a block is handed to the kernels as a 1-D unit-stride view spanning its
 rows plus a row stride, so ``logits[:, :-1]`` and ``[B, T, V]`` slices are never copied.
@@ -33,6 +33,7 @@ from .. import config
 from .._rowpass import RowStats, StatsSpec, empty_stats
 from ._jit import CHUNK, TRIGGER, jit
 from .finish import N_FIELDS, finish_kernel
+from . import entropy as _entropy
 from .moments import moments_kernel
 from .simd import isa as _isa
 from .simd.primitives import decode, neg_inf_like, zero_like
@@ -240,8 +241,11 @@ def row_stats(x: np.ndarray, y: np.ndarray, spec: StatsSpec, w: np.ndarray | Non
     acc = np.zeros((n, pieces, N_FIELDS))
     cap = float(spec.softcap) if spec.softcap > 0.0 else None
     inv_t = float(spec.inv_temperature)
+    marker = _isa.for_dtype(x.dtype, config.CPU_AVX2)
     if spec.plain:
-        plain_kernel(_isa.for_dtype(x.dtype, config.CPU_AVX2), flat, row0, stride, n, vocab, pieces, acc)
+        plain_kernel(marker, flat, row0, stride, n, vocab, pieces, acc)
+    elif _entropy.handles(spec, marker):
+        _entropy.entropy_kernel(marker, flat, row0, stride, n, vocab, pieces, acc)
     elif spec.pair:
         moments_kernel(flat, row0, stride, wflat, wrow0, wstride, n, vocab, pieces, inv_t, cap, acc)
     else:

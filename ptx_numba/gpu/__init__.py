@@ -94,12 +94,3 @@ class CudaBackend:
 
 BACKEND = CudaBackend()
 
-# Transitional module-level protocol of the old public layer (removed when it moves to BACKEND).
-from ._legacy import (  # noqa: E402,F401
-    cross_entropy_rows,
-    cross_entropy_sum,
-    device_cross_entropy,
-    device_cross_entropy_sum,
-    device_logsumexp,
-    logsumexp_rows,
-)

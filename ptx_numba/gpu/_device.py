@@ -97,13 +97,45 @@ def copy_back(dev, out: np.ndarray) -> None:
         target[start:stop] = dev[start:stop].copy_to_host()
 
 
-def rows_and_inner(arr) -> tuple[int, int]:
-    """``(rows, inner)`` of a 2-D ``[N, V]`` (inner 1) or 3-D ``[B, T, V]`` (inner T) array."""
-    if arr.ndim == 2:
-        return int(arr.shape[0]), 1
+def as_3d(arr):
+    """A 3-D ``[B, T, V]`` view of a 2-D ``[N, V]`` (as ``[N, 1, V]``) or 3-D device array, no copy.
+
+    The kernels are compiled for 3-D arrays of any layout only, so one compiled kernel serves
+    2-D and 3-D input of every stride pattern (see :mod:`ptx_numba.gpu.kernels.stats`).
+    """
     if arr.ndim == 3:
-        return int(arr.shape[0]) * int(arr.shape[1]), max(1, int(arr.shape[1]))
-    raise ValueError(f"the cuda kernels read 2-D or 3-D logits, got shape {tuple(arr.shape)}")
+        return arr
+    if arr.ndim != 2:
+        raise ValueError(f"the cuda kernels read 2-D or 3-D logits, got shape {tuple(arr.shape)}")
+    n, v = (int(d) for d in arr.shape)
+    if kernels().on_simulator():
+        return arr.reshape(n, 1, v)  # a NumPy view underneath: adding a unit axis never copies
+    return numba_cuda().from_cuda_array_interface(view_3d_interface(arr), owner=arr, sync=False)
+
+
+def view_3d_interface(arr) -> dict:
+    """The ``__cuda_array_interface__`` of ``arr[:, None, :]`` for a 2-D device array."""
+    desc = dict(arr.__cuda_array_interface__)
+    s0, s1 = (int(s) for s in arr.strides)
+    n, v = (int(d) for d in arr.shape)
+    desc.update(shape=(n, 1, v), strides=(s0, s0, s1), mask=None)
+    return desc
+
+
+def rows_and_inner(arr) -> tuple[int, int]:
+    """``(rows, inner)`` of a 3-D ``[B, T, V]`` array: ``B * T`` rows, ``inner = T``."""
+    if arr.ndim != 3:
+        raise ValueError(f"expected a 3-D array, got shape {tuple(arr.shape)}")
+    return int(arr.shape[0]) * int(arr.shape[1]), max(1, int(arr.shape[1]))
+
+
+def compiled(get_kernel, key):
+    """``get_kernel(key)`` (compiles on first use); compile failures become KernelUnavailable."""
+    try:
+        return get_kernel(key)
+    except Exception as exc:
+        raise_if_unavailable(exc)
+        raise
 
 
 def launch(kernel, grid: int, tpb: int, *args) -> None:

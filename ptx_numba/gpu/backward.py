@@ -5,6 +5,8 @@ import numpy as np
 
 from .._rowpass import GradCoef, RowStats, StatsSpec
 from ._device import (
+    as_3d,
+    compiled,
     copy_back,
     is_device_array,
     launch,
@@ -68,8 +70,7 @@ def row_grad(x, y: np.ndarray, spec: StatsSpec, stats: RowStats, coef: GradCoef,
 
     host_out = None if is_device_array(out) else out
     d_x, enc = to_device_block(x)
-    nrows, inner = rows_and_inner(d_x)
-    if nrows == 0:
+    if int(np.prod(d_x.shape[:-1])) == 0:
         return
     has_e = coef.E is not None
     if has_e and w is None:
@@ -82,17 +83,23 @@ def row_grad(x, y: np.ndarray, spec: StatsSpec, stats: RowStats, coef: GradCoef,
         d_out = cuda.device_array(host_out.shape, dtype=np.float16 if out_enc == "f16" else host_out.dtype)
     else:
         d_out = out.view(np.float16) if out.dtype == np.int16 else out
-    out_rows, out_inner = rows_and_inner(d_out)
-    if out_rows != nrows or tuple(d_out.shape)[-1] != tuple(d_x.shape)[-1]:
+    if d_out.ndim not in (2, 3) or tuple(d_out.shape)[-1] != tuple(d_x.shape)[-1]:
         raise ValueError(f"out has shape {tuple(out.shape)}, x has {tuple(d_x.shape)}")
+    d_x, d_w, d_o3 = as_3d(d_x), as_3d(d_w), as_3d(d_out)
+    nrows, inner = rows_and_inner(d_x)
+    out_rows, out_inner = rows_and_inner(d_o3)
+    if out_rows != nrows:
+        raise ValueError(f"out has shape {tuple(out.shape)}, x has {tuple(d_x.shape)}")
+    if has_e and tuple(d_w.shape) != tuple(d_x.shape):
+        raise ValueError(f"w has shape {tuple(d_w.shape)}, x has {tuple(d_x.shape)}")
     tpb, max_blocks, _ = launch_config()
     kind, inv_t, cap, kk = spec_factors(spec)
-    key = GradKey(enc, w_enc, out_enc, d_x.ndim, d_out.ndim, kind, coef.B is not None, has_e, tpb)
+    key = GradKey(enc, w_enc, out_enc, kind, coef.B is not None, has_e, tpb)
     acc = np.float64 if enc == "f64" else np.float32
     d_y = device_labels(y, nrows)
     d_st = cuda.to_device(_stats_matrix(stats, nrows))
     d_coef = cuda.to_device(_coef_matrix(coef, nrows))
-    launch(get_grad_kernel(key), min(nrows, max_blocks), tpb, d_x, d_w, np.int64(inner), d_out,
+    launch(compiled(get_grad_kernel, key), min(nrows, max_blocks), tpb, d_x, d_w, np.int64(inner), d_o3,
            np.int64(out_inner), d_y, d_st, d_coef, np.int64(nrows), acc(inv_t), acc(cap), acc(kk),
            np.float64(inv_t))
     if host_out is not None:

@@ -2,16 +2,26 @@
 
 One launch per block of rows: a block of threads per row, a grid capped at
 ``config.CUDA_MAX_BLOCKS`` that strides over the rows. Kernels are specialised at compile time on
-the encoding(s), the rank (2-D or 3-D), the transform kind and the moments the spec asks for, so
-the plain case does the work of ``(m, s)`` and the label gather alone; the temperature and softcap
-factors are arguments (a new temperature compiles nothing).
+the encoding(s), the transform kind and the moments the spec asks for, so the plain case does the
+work of ``(m, s)`` and the label gather alone; the temperature and softcap factors, the labels and
+the array shapes and strides are arguments (2-D blocks are read as ``[N, 1, V]`` views), so a new
+temperature or layout compiles nothing.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .._rowpass import RowStats, StatsSpec, empty_stats
-from ._device import kernels, launch, launch_config, numba_cuda, rows_and_inner, to_device_block
+from ._device import (
+    as_3d,
+    compiled,
+    kernels,
+    launch,
+    launch_config,
+    numba_cuda,
+    rows_and_inner,
+    to_device_block,
+)
 
 
 def spec_factors(spec: StatsSpec) -> tuple[str, float, float, float]:
@@ -43,21 +53,24 @@ def stats_on_device(x, y, spec: StatsSpec, w=None, compensate: bool = True):
     from .kernels.stats import StatsKey, get_stats_kernel
 
     d_x, enc = to_device_block(x)
-    nrows, inner = rows_and_inner(d_x)
-    if nrows == 0:
+    if int(np.prod(d_x.shape[:-1])) == 0:
         return None
+    d_x = as_3d(d_x)
+    nrows, inner = rows_and_inner(d_x)
     d_w, w_enc = (d_x, "") if w is None else to_device_block(w)
-    if w is not None and tuple(d_w.shape) != tuple(d_x.shape):
+    if w is not None and tuple(d_w.shape)[-1] != tuple(d_x.shape)[-1]:
+        raise ValueError(f"w has shape {tuple(d_w.shape)}, x has {tuple(d_x.shape)}")
+    d_w = as_3d(d_w)
+    if tuple(d_w.shape) != tuple(d_x.shape):
         raise ValueError(f"w has shape {tuple(d_w.shape)}, x has {tuple(d_x.shape)}")
     d_y = device_labels(y, nrows)
     tpb, max_blocks, use_shuffle = launch_config()
     kind, inv_t, cap, kk = spec_factors(spec)
-    key = StatsKey(enc, w_enc, d_x.ndim, kind, bool(spec.target), bool(spec.entropy),
-                   bool(spec.dsum), bool(spec.pair), tpb, use_shuffle,
-                   compensate and enc != "f64")
+    key = StatsKey(enc, w_enc, kind, bool(spec.entropy), bool(spec.dsum), bool(spec.pair), tpb,
+                   use_shuffle, compensate and enc != "f64")
     acc = np.float64 if enc == "f64" else np.float32
     out = numba_cuda().device_array((len(FIELDS), nrows), dtype=np.float64)
-    kernel = get_stats_kernel(key)
+    kernel = compiled(get_stats_kernel, key)
     launch(kernel, min(nrows, max_blocks), tpb, d_x, d_w, np.int64(inner), d_y, out,
            np.int64(nrows), acc(inv_t), acc(cap), acc(kk), np.float64(inv_t), np.float64(cap))
     return out

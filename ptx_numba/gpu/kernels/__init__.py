@@ -2,12 +2,13 @@
 
 Imported only on first use of the ``cuda`` backend (it imports numba.cuda). The pieces:
 
-* :mod:`.load`: per-encoding element loaders (float32, float64, float16, bfloat16 bits; 2-D and
-  3-D arrays) and the logit transform (temperature, softcap).
+* :mod:`.load`: per-encoding element loaders (float32, float64, float16, bfloat16 bits; 3-D
+  arrays of any layout, 2-D blocks are viewed as ``[N, 1, V]``) and the logit transform.
 * :mod:`.reduce`: the online ``(m, s, moments)`` state, its combine, and the block reductions
   (warp shuffles on a GPU, a shared-memory tree on the simulator or when asked).
 * :mod:`.finish`: thread 0 writes a row's statistics in float64, with the canonical special values.
 * :mod:`.stats`: the row-statistics kernel built from those pieces; :mod:`.grad`: the gradient kernel.
+* :mod:`.variants`: every kernel key the public ops launch (what the compile tests compile).
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from numba import cuda  # under NUMBA_ENABLE_CUDASIM=1 this is the simulator's m
 
 #: Encodings the kernels read: f32, f64, f16 (IEEE half) and bf16 (bfloat16 bits in uint16).
 ENCODINGS = ("f32", "f64", "f16", "bf16")
+
+#: The element type each encoding is stored as on the device.
+ELEMENT = {"f32": numba.float32, "f64": numba.float64, "f16": numba.types.float16, "bf16": numba.uint16}
 
 #: Logit transforms: ``plain`` (none), ``temp`` (``z * inv_temperature``), ``softcap``
 #: (``c * tanh(z * inv_temperature / c)``). The scale factors are kernel arguments, so a new

@@ -4,11 +4,14 @@ The output is one float64 device array ``out[FIELDS, N]``, rows in :data:`FIELDS
 field order of :class:`ptx_numba._rowpass.RowStats`); fields a spec does not ask for are left
 unwritten. Special rows (:mod:`ptx_numba._rowpass`): a NaN gives ``m = s = NaN``; else ``+inf``
 gives ``m = +inf, s = 1``; else all ``-inf`` gives ``m = -inf, s = 0``; their ``t, d, u`` are NaN.
-The label gather reads ``z[y]`` once more and transforms it in float64.
+The label gather reads ``z[y]`` once more and transforms it in float64; it runs for every row with
+a label (``y >= 0``), so whether an op wants the target is a matter of its labels, not a compiled
+variant (rows without labels read nothing and get NaN).
 """
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numba
 
@@ -18,19 +21,12 @@ from .load import make_convert, make_shift_to_zprime, make_transform64
 FIELDS = ("m", "s", "target", "t", "d", "m_w", "s_w", "target_w", "u")
 
 
-def make_gather64(encoding: str, ndim: int, kind: str):
-    """``gather(x, r0, r1, j, inv_t, cap) -> float64 z'_j`` (NaN for ``j < 0``)."""
+@lru_cache(maxsize=None)
+def make_gather64(encoding: str, kind: str):
+    """``gather(x, r0, r1, j, inv_t, cap) -> float64 z'_j`` of a 3-D ``x`` (NaN for ``j < 0``)."""
     convert = make_convert(encoding, numba.float64)
     tf = make_transform64(kind)
     NAN = numba.float64(math.nan)
-    if ndim == 2:
-
-        def gather2(x, r0, r1, j, inv_t, cap):
-            if j < 0:
-                return NAN
-            return tf(convert(x[r0, j]), inv_t, cap)
-
-        return cuda.jit(device=True)(gather2)
 
     def gather3(x, r0, r1, j, inv_t, cap):
         if j < 0:
@@ -40,6 +36,7 @@ def make_gather64(encoding: str, ndim: int, kind: str):
     return cuda.jit(device=True)(gather3)
 
 
+@lru_cache(maxsize=None)
 def make_set_finish(kind: str):
     """``(m', s, special)`` in float64 of one logit set's reduced ``(m, s)`` and NaN flag."""
     to_zprime = make_shift_to_zprime(kind)
@@ -60,13 +57,13 @@ def make_set_finish(kind: str):
     return set_finish
 
 
-def make_finish(encoding: str, w_encoding: str, ndim: int, kind: str, target: bool,
-                entropy: bool, dsum: bool, pair: bool):
+@lru_cache(maxsize=None)
+def make_finish(encoding: str, w_encoding: str, kind: str, entropy: bool, dsum: bool, pair: bool):
     """``finish(out, row, x, w, r0, r1, label, state..., inv_t, cap)``: write one row."""
     set_finish = make_set_finish(kind)
-    gather = make_gather64(encoding, ndim, kind)
-    gather_w = make_gather64(w_encoding, ndim, kind) if pair else gather
-    TARGET, ENT, DSUM, PAIR = target, entropy, dsum, pair
+    gather = make_gather64(encoding, kind)
+    gather_w = make_gather64(w_encoding, kind) if pair else gather
+    ENT, DSUM, PAIR = entropy, dsum, pair
     NAN = numba.float64(math.nan)
     INF = numba.float64(math.inf)
 
@@ -75,8 +72,7 @@ def make_finish(encoding: str, w_encoding: str, ndim: int, kind: str, target: bo
         mz, sz, special = set_finish(m, s, (f & NAN_Z) != 0, inv_t)
         out[0, row] = mz
         out[1, row] = sz
-        if TARGET:
-            out[2, row] = gather(x, r0, r1, label, inv_t, cap)
+        out[2, row] = gather(x, r0, r1, label, inv_t, cap)
         if ENT:
             out[3, row] = NAN if special else numba.float64(t)
         if DSUM:
@@ -90,8 +86,7 @@ def make_finish(encoding: str, w_encoding: str, ndim: int, kind: str, target: bo
             mwz, swz, special_w = set_finish(mw, sw, (f & NAN_W) != 0, inv_t)
             out[5, row] = mwz
             out[6, row] = swz
-            if TARGET:
-                out[7, row] = gather_w(w, r0, r1, label, inv_t, cap)
+            out[7, row] = gather_w(w, r0, r1, label, inv_t, cap)
             if special or special_w:
                 out[8, row] = NAN
             elif (f & UINF) != 0:

@@ -20,22 +20,27 @@ so ``out`` may alias ``x``.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import NamedTuple
 
 import numba
+from numba import types
 
-from . import acc_type, cuda
+from . import ELEMENT, acc_type, cuda
 from .load import make_loader, make_scale, make_store
 
 
 class GradKey(NamedTuple):
-    """One compiled configuration of the gradient kernel."""
+    """One compiled configuration of the gradient kernel: its compile-time parameters.
+
+    As for :class:`ptx_numba.gpu.kernels.stats.StatsKey`, the layouts and shapes of ``x``, ``w``
+    and ``out`` (3-D ``'A'`` arrays), the coefficient values and the transform factors are runtime
+    arguments.
+    """
 
     encoding: str
     w_encoding: str  #: "" without the E term
     out_encoding: str
-    ndim: int
-    out_ndim: int
     kind: str
     has_b: bool
     has_e: bool
@@ -45,11 +50,22 @@ class GradKey(NamedTuple):
 _cache: dict[GradKey, object] = {}
 
 
+def grad_signature(key: GradKey) -> tuple:
+    """The argument types the kernel of ``key`` is compiled for (the only ones it accepts)."""
+    acc = acc_type(key.encoding)
+    x = types.Array(ELEMENT[key.encoding], 3, "A")
+    w = types.Array(ELEMENT[key.w_encoding or key.encoding], 3, "A")
+    out = types.Array(ELEMENT[key.out_encoding], 3, "A")
+    f2 = types.Array(types.float64, 2, "A")
+    return (x, w, types.int64, out, types.int64, types.Array(types.int64, 1, "A"), f2, f2, types.int64,
+            acc, acc, acc, types.float64)
+
+
 def get_grad_kernel(key: GradKey):
-    """The kernel for one configuration, built on first request and cached."""
+    """The kernel for one configuration, compiled on first request (for :func:`grad_signature`)."""
     kernel = _cache.get(key)
     if kernel is None:
-        kernel = build_grad_kernel(key)
+        kernel = cuda.jit(grad_signature(key))(build_grad_kernel(key))
         _cache[key] = kernel
     return kernel
 
@@ -60,14 +76,20 @@ def make_grad_row(key: GradKey):
     One thread's elements of one row. Built on its own so that tests can compile it alone and
     check that the loop has no float64 arithmetic for the 16/32-bit encodings.
     """
-    acc = acc_type(key.encoding)
-    load = make_loader(key.encoding, key.ndim, acc)
-    load_w = make_loader(key.w_encoding, key.ndim, acc) if key.has_e else load
-    store = make_store(key.out_encoding, key.out_ndim)
-    sc = make_scale(key.kind)
-    SOFTCAP = key.kind == "softcap"
-    TEMP = key.kind == "temp"
-    HAS_B, HAS_E, TPB, NDIM = key.has_b, key.has_e, key.tpb, key.ndim
+    return _grad_row(key.encoding, key.w_encoding, key.out_encoding, key.kind, key.has_b, key.has_e,
+                     key.tpb)
+
+
+@lru_cache(maxsize=None)
+def _grad_row(encoding, w_encoding, out_encoding, kind, has_b, has_e, tpb):
+    acc = acc_type(encoding)
+    load = make_loader(encoding, acc)
+    load_w = make_loader(w_encoding, acc) if has_e else load
+    store = make_store(out_encoding)
+    sc = make_scale(kind)
+    SOFTCAP = kind == "softcap"
+    TEMP = kind == "temp"
+    HAS_B, HAS_E, TPB = has_b, has_e, tpb
     ZERO = acc(0.0)
     ONE = acc(1.0)
 
@@ -84,7 +106,7 @@ def make_grad_row(key: GradKey):
     @cuda.jit(device=True)
     def grad_row(x, w, out, r0, r1, o0, o1, tid, label, a, b, c, dd, e, m_hi, m_lo, inv_s, special,
                  mw_hi, mw_lo, special_w, inv_t, cap, k):
-        vocab = x.shape[NDIM - 1]
+        vocab = x.shape[2]
         j = tid
         while j < vocab:
             z, dz = element(load(x, r0, r1, j), cap, k, inv_t)
@@ -120,16 +142,8 @@ def make_grad_row(key: GradKey):
     return grad_row, zero_row
 
 
-def build_grad_kernel(key: GradKey):
-    """Kernel ``(x, w, inner, out, out_inner, y, st, coef, nrows, inv_t, cap, k, inv_t64)``.
-
-    ``st``: float64 ``[3, N]`` (``m, s, m_w``); ``coef``: float64 ``[5, N]`` (``A..E``, zeros
-    for absent ones); ``inner``/``out_inner``: ``T`` of 3-D ``x``/``out`` (1 for 2-D).
-    """
-    acc = acc_type(key.encoding)
-    grad_row, zero_row = make_grad_row(key)
-    NDIM = key.ndim
-    TEMP = key.kind == "temp"
+@lru_cache(maxsize=None)
+def _make_split(acc, temp: bool):
     INF = numba.float64(math.inf)
 
     @cuda.jit(device=True)
@@ -137,14 +151,29 @@ def build_grad_kernel(key: GradKey):
         # (hi, lo, special) of a float64 shift: hi + lo ~ m in the domain, in two floats.
         if not (m64 > -INF and m64 < INF and s64 > 0.0 and s64 < INF):
             return acc(0.0), acc(0.0), True
-        mdom = m64 / inv_t64 if TEMP else m64
+        mdom = m64 / inv_t64 if temp else m64
         hi = acc(mdom)
         return hi, acc(mdom - numba.float64(hi)), False
 
-    @cuda.jit
+    return split
+
+
+def build_grad_kernel(key: GradKey):
+    """The Python kernel ``(x, w, inner, out, out_inner, y, st, coef, nrows, inv_t, cap, k, inv_t64)``.
+
+    :func:`get_grad_kernel` compiles it. ``x``, ``w``, ``out``: ``[B, T, V]`` arrays (any strides).
+
+    ``st``: float64 ``[3, N]`` (``m, s, m_w``); ``coef``: float64 ``[5, N]`` (``A..E``, zeros
+    for absent ones); ``inner``/``out_inner``: ``T`` of ``x``/``out`` (1 for a
+    2-D block viewed as ``[N, 1, V]``).
+    """
+    acc = acc_type(key.encoding)
+    grad_row, zero_row = make_grad_row(key)
+    split = _make_split(acc, key.kind == "temp")
+
     def grad_kernel(x, w, inner, out, out_inner, y, st, coef, nrows, inv_t, cap, k, inv_t64):
         tid = cuda.threadIdx.x
-        vocab = x.shape[NDIM - 1]
+        vocab = x.shape[2]
         row = numba.int64(cuda.blockIdx.x)
         while row < nrows:
             r0 = row // inner

@@ -1,9 +1,13 @@
 """Element loaders and stores per encoding and rank, and the logit transform.
 
-A loader ``load(x, r0, r1, j)`` returns element ``j`` of row ``(r0, r1)`` in the accumulation type
-(float32 for f32/f16/bf16, float64 for f64). For a 2-D ``[N, V]`` array the row is ``r0`` (``r1``
-is unused); for a 3-D ``[B, T, V]`` array it is ``[r0, r1]``. Device functions cannot return views,
-so the loader indexes the array itself; Numba computes the offsets in int64, so any strides work.
+A loader ``load(x, r0, r1, j)`` returns element ``j`` of row ``x[r0, r1]`` of a 3-D ``[B, T, V]``
+array in the accumulation type (float32 for f32/f16/bf16, float64 for f64). The kernels read 3-D
+arrays only (a 2-D ``[N, V]`` block is viewed as ``[N, 1, V]``) of any layout, so that one compiled
+kernel serves every input of an encoding. Device functions cannot return views, so the loader
+indexes the array itself; Numba computes the offsets in int64, so any strides work.
+
+Every factory is cached: kernels that need the same piece share one device function, which Numba
+types and lowers once per process (typing is most of a kernel's compile time).
 
 The transform works in a *domain* chosen so that ``z' - m`` is computed without cancellation:
 
@@ -16,6 +20,7 @@ The transform works in a *domain* chosen so that ``z' - m`` is computed without 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numba
 import numpy as np
@@ -28,6 +33,7 @@ except ImportError:  # pragma: no cover - simulator
     libdevice = None
 
 
+@lru_cache(maxsize=None)
 def _bf16_to_f32():
     if on_simulator():
         # The simulator runs Python: widen the bits and reinterpret them with NumPy.
@@ -43,6 +49,7 @@ def _bf16_to_f32():
     return cuda.jit(device=True)(bf16)
 
 
+@lru_cache(maxsize=None)
 def make_convert(encoding: str, acc):
     """``convert(raw) -> acc``: one stored element to the accumulation type."""
     if encoding == "bf16":
@@ -59,17 +66,10 @@ def make_convert(encoding: str, acc):
     return cuda.jit(device=True)(widen)
 
 
-def make_loader(encoding: str, ndim: int, acc):
-    """``load(x, r0, r1, j) -> acc`` for an array of rank ``ndim`` (2 or 3)."""
+@lru_cache(maxsize=None)
+def make_loader(encoding: str, acc):
+    """``load(x, r0, r1, j) -> acc``: element ``j`` of row ``x[r0, r1]`` of a 3-D array."""
     convert = make_convert(encoding, acc)
-    if ndim == 2:
-
-        def load2(x, r0, r1, j):
-            return convert(x[r0, j])
-
-        return cuda.jit(device=True)(load2)
-    if ndim != 3:
-        raise ValueError(f"the kernels read 2-D or 3-D arrays, got ndim={ndim}")
 
     def load3(x, r0, r1, j):
         return convert(x[r0, r1, j])
@@ -77,6 +77,7 @@ def make_loader(encoding: str, ndim: int, acc):
     return cuda.jit(device=True)(load3)
 
 
+@lru_cache(maxsize=None)
 def make_domain(kind: str, acc):
     """``dom(v, cap, k)``: a loaded logit in the accumulation domain (module docstring)."""
     if kind == "softcap":
@@ -92,6 +93,7 @@ def make_domain(kind: str, acc):
     return cuda.jit(device=True)(dom_raw)
 
 
+@lru_cache(maxsize=None)
 def make_scale(kind: str):
     """``sc(r, inv_t)``: a domain difference ``z - m`` in transformed units ``z' - m'``."""
     if kind == "temp":
@@ -107,6 +109,7 @@ def make_scale(kind: str):
     return cuda.jit(device=True)(scale_one)
 
 
+@lru_cache(maxsize=None)
 def make_shift_to_zprime(kind: str):
     """float64 ``m'`` from a float64 domain shift (the finish)."""
     if kind == "temp":
@@ -122,6 +125,7 @@ def make_shift_to_zprime(kind: str):
     return cuda.jit(device=True)(shift_same)
 
 
+@lru_cache(maxsize=None)
 def make_transform64(kind: str):
     """float64 ``z'`` of a float64 logit (the finish's label gather)."""
     if kind == "softcap":
@@ -143,6 +147,7 @@ def make_transform64(kind: str):
     return cuda.jit(device=True)(tf_plain)
 
 
+@lru_cache(maxsize=None)
 def _bf16_store_bits():
     """float32 -> bfloat16 bits, round to nearest even; NaN stays a quiet NaN."""
     if on_simulator():
@@ -165,8 +170,9 @@ def _bf16_store_bits():
     return cuda.jit(device=True)(bits_gpu)
 
 
-def make_store(encoding: str, ndim: int):
-    """``store(out, r0, r1, j, g)``: write a gradient value (float32 or float64) in ``encoding``.
+@lru_cache(maxsize=None)
+def make_store(encoding: str):
+    """``store(out, r0, r1, j, g)``: write a gradient value into ``out[r0, r1, j]`` in ``encoding``.
 
     16-bit outputs are rounded once from the float32 value (round to nearest even).
     """
@@ -184,13 +190,6 @@ def make_store(encoding: str, ndim: int):
             return out_t(g)
 
         enc = cuda.jit(device=True)(enc_float)
-
-    if ndim == 2:
-
-        def store2(out, r0, r1, j, g):
-            out[r0, j] = enc(g)
-
-        return cuda.jit(device=True)(store2)
 
     def store3(out, r0, r1, j, g):
         out[r0, r1, j] = enc(g)

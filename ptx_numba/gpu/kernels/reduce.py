@@ -30,6 +30,7 @@ Block reductions (result valid in thread 0):
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import numba
 
@@ -41,6 +42,7 @@ _FULL_MASK = 0xFFFFFFFF
 TREE_SLOTS = 128
 
 
+@lru_cache(maxsize=None)
 def make_state_ops(acc, kind: str, entropy: bool, dsum: bool, pair: bool):
     """Device functions ``(factor, combine)`` for one accumulation type and spec."""
     from .load import make_scale
@@ -96,10 +98,15 @@ def make_state_ops(acc, kind: str, entropy: bool, dsum: bool, pair: bool):
     return factor, combine
 
 
-def make_block_reduce(acc, tpb: int, use_shuffle: bool, combine, entropy: bool, dsum: bool, pair: bool):
-    """``block_reduce(m, s, t, d, n, mw, sw, u, f, inv_t) -> state`` (valid in thread 0)."""
+@lru_cache(maxsize=None)
+def make_block_reduce(acc, tpb: int, use_shuffle: bool, kind: str, entropy: bool, dsum: bool, pair: bool):
+    """``block_reduce(m, s, t, d, n, mw, sw, u, f, inv_t) -> state`` (valid in thread 0).
+
+    It depends on the accumulation type, not the encoding: f32, f16 and bf16 kernels share it.
+    """
     if tpb % _WARP or not _WARP <= tpb <= 1024:
         raise ValueError(f"threads per block must be a multiple of 32 in [32, 1024], got {tpb}")
+    _, combine = make_state_ops(acc, kind, entropy, dsum, pair)
     ENT, DSUM, PAIR = entropy, dsum, pair
     NWARPS = tpb // _WARP
     NEG_INF = acc(-math.inf)

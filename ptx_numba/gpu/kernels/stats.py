@@ -12,50 +12,67 @@
 * **finish** (:func:`.finish.make_finish`) in thread 0, in float64.
 * **grid-stride** over rows with a capped grid; row offsets are int64.
 
-Kernels are built by :func:`get_stats_kernel`, one per :class:`StatsKey`, and cached; Numba compiles
-each for the argument types of its first launch (layouts C or A, 2-D or 3-D).
+Kernels are built by :func:`get_stats_kernel`, one per :class:`StatsKey`, compiled for the one
+signature :func:`stats_signature` (3-D arrays of any layout) and cached, so a key is exactly one
+compiled kernel, whatever the shapes and strides of the calls.
 """
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import NamedTuple
 
 import numba
+from numba import types
 
-from . import LAZY_SHIFT, NAN_W, NAN_Z, NINF_Z, UINF, acc_type, cuda
+from . import ELEMENT, LAZY_SHIFT, NAN_W, NAN_Z, NINF_Z, UINF, acc_type, cuda
 from .finish import make_finish
 from .load import make_domain, make_loader, make_scale
-from .reduce import make_block_reduce, make_state_ops
+from .reduce import make_block_reduce
 
 
 class StatsKey(NamedTuple):
-    """One compiled configuration of the statistics kernel."""
+    """One compiled configuration of the statistics kernel: its compile-time parameters.
+
+    Everything else is a runtime argument of the one kernel a key compiles to: the array layouts
+    (every array is typed ``'A'``, any strides; 2-D blocks are viewed as ``[N, 1, V]``), the
+    batch shape, the labels (the target is gathered wherever ``y >= 0``), the temperature and the
+    softcap value.
+    """
 
     encoding: str
     w_encoding: str  #: the second set's encoding ("" without a pair)
-    ndim: int
     kind: str  #: transform kind (:data:`ptx_numba.gpu.kernels.TRANSFORMS`)
-    target: bool
     entropy: bool
     dsum: bool
     pair: bool
     tpb: int
     use_shuffle: bool
-    compensate: bool = True
+    compensate: bool = True  #: Kahan sums (float32 accumulation only; False for f64 and tests)
 
 
 _cache: dict[StatsKey, object] = {}
 
 
+def stats_signature(key: StatsKey) -> tuple:
+    """The argument types the kernel of ``key`` is compiled for (the only ones it accepts)."""
+    acc = acc_type(key.encoding)
+    x = types.Array(ELEMENT[key.encoding], 3, "A")
+    w = types.Array(ELEMENT[key.w_encoding or key.encoding], 3, "A")
+    return (x, w, types.int64, types.Array(types.int64, 1, "A"), types.Array(types.float64, 2, "A"),
+            types.int64, acc, acc, acc, types.float64, types.float64)
+
+
 def get_stats_kernel(key: StatsKey):
-    """The kernel for one configuration, built on first request and cached."""
+    """The kernel for one configuration, compiled on first request (for :func:`stats_signature`)."""
     kernel = _cache.get(key)
     if kernel is None:
-        kernel = build_stats_kernel(key)
+        kernel = cuda.jit(stats_signature(key))(build_stats_kernel(key))
         _cache[key] = kernel
     return kernel
 
 
+@lru_cache(maxsize=None)
 def make_kahan(compensate: bool):
     """``add(s, c, x) -> (s, c)``: compensated (Kahan) or plain summation; the sum is ``s - c``."""
     if compensate:
@@ -78,16 +95,23 @@ def make_kahan(compensate: bool):
 def make_scan(key: StatsKey):
     """``scan(x, w, r0, r1, tid, inv_t, cap, k) -> state``: one thread's part of one row.
 
-    Built on its own so that tests can compile it alone and check that the inner loop has no
-    float64 arithmetic for the 16/32-bit encodings.
+    A device function of its own (shared by the two reductions), so that the compile tests can
+    read its code alone and check that the inner loop has no float64 arithmetic for the 16/32-bit
+    encodings.
     """
-    acc = acc_type(key.encoding)
-    load = make_loader(key.encoding, key.ndim, acc)
-    load_w = make_loader(key.w_encoding, key.ndim, acc) if key.pair else load
-    dom = make_domain(key.kind, acc)
-    sc = make_scale(key.kind)
-    add = make_kahan(key.compensate)
-    ENT, DSUM, PAIR, TPB, NDIM = key.entropy, key.dsum, key.pair, key.tpb, key.ndim
+    return _scan(key.encoding, key.w_encoding, key.kind, key.entropy, key.dsum, key.pair, key.tpb,
+                 key.compensate)
+
+
+@lru_cache(maxsize=None)
+def _scan(encoding, w_encoding, kind, entropy, dsum, pair, tpb, compensate):
+    acc = acc_type(encoding)
+    load = make_loader(encoding, acc)
+    load_w = make_loader(w_encoding, acc) if pair else load
+    dom = make_domain(kind, acc)
+    sc = make_scale(kind)
+    add = make_kahan(compensate)
+    ENT, DSUM, PAIR, TPB = entropy, dsum, pair, tpb
     ZERO = acc(0.0)
     ONE = acc(1.0)
     NEG_INF = acc(-math.inf)
@@ -155,7 +179,7 @@ def make_scan(key: StatsKey):
 
     @cuda.jit(device=True)
     def scan(x, w, r0, r1, tid, inv_t, cap, k):
-        vocab = x.shape[NDIM - 1]
+        vocab = x.shape[2]
         m = NEG_INF
         s = ZERO
         cs = ZERO
@@ -252,22 +276,20 @@ def make_scan(key: StatsKey):
 
 
 def build_stats_kernel(key: StatsKey):
-    """Compile-ready kernel ``(x, w, inner, y, out, nrows, inv_t, cap, k, inv_t64, cap64)``.
+    """The Python kernel ``(x, w, inner, y, out, nrows, inv_t, cap, k, inv_t64, cap64)``.
 
-    ``x`` (and ``w``, or ``x`` again without a pair): ``[N, V]`` or ``[B, T, V]`` (``inner = T``,
-    1 for 2-D), any strides; ``y``: int64 ``[N]``, -1 = no label; ``out``: float64
+    :func:`get_stats_kernel` compiles it. ``x`` (and ``w``, or ``x`` again without a pair):
+    ``[B, T, V]`` (``inner = T``), any strides; ``y``: int64 ``[B*T]``, -1 = no label; ``out``: float64
     ``[len(FIELDS), N]``; ``inv_t, cap, k``: the transform's factors in the accumulation type
     (``k = inv_t / cap``), ``inv_t64, cap64`` the same in float64 for the finish.
     """
     acc = acc_type(key.encoding)
     scan = make_scan(key)
-    _, combine = make_state_ops(acc, key.kind, key.entropy, key.dsum, key.pair)
-    block_reduce = make_block_reduce(acc, key.tpb, key.use_shuffle, combine, key.entropy, key.dsum,
+    block_reduce = make_block_reduce(acc, key.tpb, key.use_shuffle, key.kind, key.entropy, key.dsum,
                                      key.pair)
-    finish = make_finish(key.encoding, key.w_encoding or key.encoding, key.ndim, key.kind,
-                         key.target, key.entropy, key.dsum, key.pair)
+    finish = make_finish(key.encoding, key.w_encoding or key.encoding, key.kind, key.entropy,
+                         key.dsum, key.pair)
 
-    @cuda.jit
     def stats_kernel(x, w, inner, y, out, nrows, inv_t, cap, k, inv_t64, cap64):
         tid = cuda.threadIdx.x
         row = numba.int64(cuda.blockIdx.x)  # int64: element offsets exceed 2**31 on big batches
