@@ -3,12 +3,13 @@
 For each dtype this makes one array of logits ``[N, V]`` (normal, standard deviation 3) and
 times, in interleaved rounds in one process (median of ``--repeat`` rounds, one call each):
 
-* ``read``: the streaming read of the same bytes (``cpu.stream_read``), the floor;
-* ``cpu``: the shipping backend (``cpu.row_stats``: the AVX2 loop, its walk and finish);
-* one parallel walk per loop: every row through the chunked walk of ``cpu._piece_stats_avx2``
-  (first entry as the shift, rescan of a chunk whose sum exceeds the trigger), with the loop
-  swapped: ``avx2`` (the shipping 8-lane loop), ``avx2-ymm`` (the generic emitter at 8 lanes, same
-  steps; float16 widened per 8 lanes, so no zmm instruction in the loop), ``avx2-f16fix`` (8 lanes, float16 read 64 bytes
+* ``read``: the streaming read of the same bytes (``ptx_numba._bench_floor.stream_read``), the floor;
+* ``cpu``: the backend's row pass (``cpu.BACKEND.row_stats``: the loop ``features.choose()``
+  picks, honouring ``PTX_NUMBA_CPU_ISA``, with its walk and finish);
+* one parallel walk per loop: every row through a chunked walk like
+  :func:`ptx_numba.cpu.rowpass.walk` (first entry as the shift, rescan of a chunk whose sum
+  exceeds the trigger), with the loop swapped: ``avx2`` (the 8-lane loop; float16 16 elements per
+  iteration, widened per 8 lanes, no prefetch), ``avx2-f16fix`` (8 lanes, float16 read 64 bytes
   per iteration with a prefetch per line), ``avx2-16`` (16 lanes on AVX2 instructions) and
   ``avx512`` (16 lanes, zmm table; only where the target has AVX-512).
 
@@ -20,44 +21,32 @@ row (N must be at least a few times the thread count).
 from __future__ import annotations
 
 import argparse
-import importlib
 import math
 import os
 import statistics
 import sys
 import time
-import types as pytypes
 
 import numba
 import numpy as np
 from numba import njit, prange
 
-from ptx_numba import config, cpu
-from ptx_numba._simd import decode, zero_like
-
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _simd_module(name):
-    """``ptx_numba.cpu.simd.<name>``, also while ``ptx_numba.cpu`` is still a plain module."""
-    try:
-        return importlib.import_module(f"ptx_numba.cpu.simd.{name}")
-    except ImportError:
-        package = pytypes.ModuleType("ptx_numba.cpu.simd")
-        package.__path__ = [os.path.join(_ROOT, "ptx_numba", "cpu", "simd")]
-        sys.modules.setdefault("ptx_numba.cpu.simd", package)
-        return importlib.import_module(f"ptx_numba.cpu.simd.{name}")
-
-
-expsum = _simd_module("expsum")
-isa = _simd_module("features")
+from ptx_numba import _finish, config, cpu
+from ptx_numba._bench_floor import stream_read
+from ptx_numba._rowpass import StatsSpec
+from ptx_numba.cpu.rowpass import chunk_max as _chunk_max
+from ptx_numba.cpu.rowpass import piece_stats as _piece_stats
+from ptx_numba.cpu.simd import expsum
+from ptx_numba.cpu.simd import features as isa
+from ptx_numba.cpu.simd.isa import portable as _portable
+from ptx_numba.cpu.simd.primitives import decode, zero_like
 _CHUNK = config.CPU_CHUNK
 _TRIGGER = config.CPU_RESCAN_TRIGGER
 _FLAGS = set(config.CPU_FASTMATH)
 
 
 def _make_walk(loop):
-    """A parallel kernel: per-row LSE by the walk of ``cpu._piece_stats_avx2`` on ``loop``."""
+    """A parallel kernel: per-row LSE by the chunked walk of :mod:`ptx_numba.cpu.rowpass` on ``loop``."""
     constants = expsum.constants
     limit_of = expsum.shift_limit
 
@@ -79,11 +68,11 @@ def _make_walk(loop):
                 if not partial > _TRIGGER:
                     total += corr * float(partial)
                     continue
-            chunk_max = cpu._chunk_max(chunk)
+            chunk_max = _chunk_max(chunk)
             if chunk_max == -np.inf:
                 continue
             if not abs(chunk_max) < limit:
-                return cpu._piece_stats(piece)
+                return _piece_stats(_portable(), piece)
             if chunk_max > m:
                 new_m, k, ms, lo, hi, corr = constants(chunk_max)
                 if total > 0.0:
@@ -116,14 +105,16 @@ def _logits(dtype, rows, vocab, seed=0):
     return out
 
 
-def _contenders(available):
-    from ptx_numba import _avx2
-
-    loops = {"avx2": _avx2.expsum, "avx2-ymm": expsum.expsum_avx2, "avx2-f16fix": expsum.expsum_avx2_f16fix,
-             "avx2-16": expsum.expsum_avx2_16}
+def _loops(available):
+    """The loops compared, by name (``avx512`` only where the target has it)."""
+    loops = {"avx2": expsum.expsum_avx2, "avx2-f16fix": expsum.expsum_avx2_f16fix, "avx2-16": expsum.expsum_avx2_16}
     if "avx512" in available:
         loops["avx512"] = expsum.expsum_avx512
-    return {name: _make_walk(loop) for name, loop in loops.items()}
+    return loops
+
+
+def _contenders(available):
+    return {name: _make_walk(loop) for name, loop in _loops(available).items()}
 
 
 def _make_repeat(loop):
@@ -142,12 +133,7 @@ def _make_repeat(loop):
 
 def micro(dtypes, trials=15):
     """ns per element of each loop alone on one L1-resident chunk, one thread (best of ``trials``)."""
-    from ptx_numba import _avx2
-
-    loops = {"avx2": _avx2.expsum, "avx2-ymm": expsum.expsum_avx2, "avx2-f16fix": expsum.expsum_avx2_f16fix,
-             "avx2-16": expsum.expsum_avx2_16}
-    if "avx512" in isa.available():
-        loops["avx512"] = expsum.expsum_avx512
+    loops = _loops(isa.available())
     values = (np.random.default_rng(0).standard_normal(_CHUNK) * 3).astype(np.float32)
     encoded = {"float32": values, "bfloat16": (values.view(np.uint32) >> 16).astype(np.uint16),
                "float16": values.astype(np.float16).view(np.int16), "float64": values.astype(np.float64)}
@@ -172,14 +158,20 @@ def micro(dtypes, trials=15):
 def run(dtypes, rows_list, vocab, repeat):
     available = isa.available()
     walks = _contenders(available)
-    print(f"threads {numba.get_num_threads()}, ISAs available {available}, {repeat} interleaved rounds; "
+    print(f"threads {numba.get_num_threads()}, ISAs available {available}, backend on {isa.choose()}, "
+          f"{repeat} interleaved rounds; "
           f"load average {os.getloadavg()[0]:.1f}")
     for rows in rows_list:
         for dtype in dtypes:
             x = _logits(dtype, rows, vocab)
             nbytes = x.nbytes
-            want = cpu.logsumexp_rows(x)
-            calls = {"read": lambda: cpu.stream_read(x), "cpu": lambda: cpu.logsumexp_rows(x)}
+            labels = np.full(rows, -1, dtype=np.int64)
+
+            def backend(x=x, labels=labels):
+                return _finish.lse(cpu.BACKEND.row_stats(x, labels, StatsSpec()))
+
+            want = backend()
+            calls = {"read": lambda x=x: stream_read(x), "cpu": backend}
             outs = {}
             for name, walk in walks.items():
                 outs[name] = np.empty(rows)

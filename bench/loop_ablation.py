@@ -2,7 +2,7 @@
 
 A cost probe, not a kernel: every variant but ``shipping`` computes a WRONG sum, and none of them
 is reachable from the package. Each variant runs in its own process, which swaps the loop body
-that ``ptx_numba.cpu.simd.avx2.expsum`` emits (``_accumulate_f32`` / ``_accumulate_f64``) before Numba
+that ``ptx_numba.cpu.simd.expsum`` emits (``_term_f32`` / ``_term_f64``) for the 8-lane loop before Numba
 compiles it, then times the loop like ``micro_chunk.py`` does: one thread, one L1-resident chunk
 of 2048 elements, best of 9. Every variant runs twice, interleaved with the others, and the table
 keeps the faster run (this machine is noisy).
@@ -34,50 +34,50 @@ _F64_VARIANTS = {"shipping": 17, "two-constants": 17}
 
 
 def _patch(variant):
-    """Swap the loop bodies of ``_avx2.expsum`` for ``variant`` (in this process only)."""
-    from llvmlite import ir
+    """Swap the term bodies of the emitter's loops for ``variant`` (in this process only)."""
+    from ptx_numba.cpu.simd import expsum as a
 
-    from ptx_numba.cpu.simd import avx2 as a
+    # the probe swaps these module attributes; fail loudly if the emitter renames them
+    if not (callable(getattr(a, "_term_f32", None)) and callable(getattr(a, "_term_f64", None))):
+        raise RuntimeError("ptx_numba.cpu.simd.expsum no longer has _term_f32/_term_f64: update this probe")
 
-    # the probe swaps these module attributes; fail loudly if _avx2 renames them
-    if not (callable(getattr(a, "_accumulate_f32", None)) and callable(getattr(a, "_accumulate_f64", None))):
-        raise RuntimeError("ptx_numba.cpu.simd.avx2 no longer has _accumulate_f32/_accumulate_f64: update this probe")
-
-    def f32_body(builder, acc, x, k8, ms, lo, hi):
+    def f32_body(builder, plan, x, k8, ms, lo, hi):
+        vf, vi = x.type, a._vec(a._I32, x.type.count)
         if variant not in ("no-clamps", "bare"):
             x = a._clamp(builder, x, lo, hi)
         s8 = a._fma(builder, x, k8, ms)
         r = a._fma(builder, x, k8, builder.fsub(ms, s8))
-        bits = builder.bitcast(s8, a._VI)
-        shifted = builder.shl(bits, a._splat(20, a._VI))
+        bits = builder.bitcast(s8, vi)
+        shifted = builder.shl(bits, a._splat(20, vi))
         if variant in ("no-table", "bare"):
-            scale = builder.bitcast(shifted, a._VF)
+            scale = builder.bitcast(shifted, vf)
         else:
-            table = builder.bitcast(ir.Constant(a._VI, [ir.Constant(a._I32, t) for t in a._TABLE]), a._VF)
-            entry = builder.bitcast(a._call(builder, "llvm.x86.avx2.permps", a._VF, [table, bits]), a._VI)
-            scale = builder.bitcast(builder.add(entry, shifted), a._VF)
-        q = a._fma(builder, a._fma(builder, a._splat(a._A3), r, a._splat(a._A2)), r, a._splat(a._A1))
+            entry = builder.bitcast(a._lookup(builder, plan, bits), vi)
+            scale = builder.bitcast(builder.add(entry, shifted), vf)
+        q = a._fma(builder, a._fma(builder, a._splat(a._A3, vf), r, a._splat(a._A2, vf)), r, a._splat(a._A1, vf))
         if variant in ("fused-term", "bare"):
-            return a._fma(builder, scale, a._fma(builder, q, r, a._splat(1.0)), acc)
-        return builder.fadd(acc, a._fma(builder, scale, builder.fmul(q, r), scale))
+            # a (scale, p) pair: the loop folds it into the accumulating FMA, as for float64
+            return (scale, a._fma(builder, q, r, a._splat(1.0, vf))), x
+        return a._fma(builder, scale, builder.fmul(q, r), scale), x
 
-    def f64_body(builder, acc, x, k1, ms, lo, hi):
+    def f64_body(builder, plan, x, k1, ms, lo, hi):
         # the shipping body with every even coefficient 0.5 and every odd one 0.25
+        vd, vq = x.type, a._vec(a._I64, x.type.count)
         x = a._clamp(builder, x, lo, hi)
         s = a._fma(builder, x, k1, ms)
         r = a._fma(builder, x, k1, builder.fsub(ms, s))
-        scale = builder.bitcast(builder.shl(builder.bitcast(s, a._VQ), a._splat(52, a._VQ)), a._VD)
+        scale = builder.bitcast(builder.shl(builder.bitcast(s, vq), a._splat(52, vq)), vd)
         r2 = builder.fmul(r, r)
-        even, odd = a._splat(0.5, a._VD), a._splat(0.25, a._VD)
+        even, odd = a._splat(0.5, vd), a._splat(0.25, vd)
         for _ in range(4):
-            even = a._fma(builder, even, r2, a._splat(0.5, a._VD))
-            odd = a._fma(builder, odd, r2, a._splat(0.25, a._VD))
-        return a._fma(builder, scale, a._fma(builder, odd, r, even), acc)
+            even = a._fma(builder, even, r2, a._splat(0.5, vd))
+            odd = a._fma(builder, odd, r2, a._splat(0.25, vd))
+        return (scale, a._fma(builder, odd, r, even)), x
 
     if variant in _F32_VARIANTS and variant != "shipping":
-        a._accumulate_f32 = f32_body
+        a._term_f32 = f32_body
     if variant == "two-constants":
-        a._accumulate_f64 = f64_body
+        a._term_f64 = f64_body
 
 
 def _child(variant):

@@ -58,7 +58,12 @@ class BenchError(ValueError):
 # environment
 # --------------------------------------------------------------------------------------------
 def machine_description() -> str:
-    """A short CPU description such as ``"AMD EPYC x2 cores"``."""
+    """A short CPU description with the CPU backend's loop, such as ``"AMD EPYC x2 cores, avx2"``.
+
+    The loop (:func:`ptx_numba.cpu.simd.features.choose`: ``avx512``, ``avx2`` or ``portable``)
+    is part of it so that runs of one machine with ``PTX_NUMBA_CPU_ISA`` set to different loops
+    are kept apart in a results CSV.
+    """
     model = ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -72,7 +77,12 @@ def machine_description() -> str:
     # Marketing noise makes the string long without telling machines apart.
     model = re.sub(r"\((R|TM|tm|r)\)|\bCPU\b|\bProcessor\b|@.*$|\d+-Core", " ", model)
     model = " ".join(model.split())[:48]
-    return f"{model} x{os.cpu_count() or 1} cores"
+    described = f"{model} x{os.cpu_count() or 1} cores"
+    try:
+        from .cpu.simd import features
+    except ImportError:  # no Numba: no CPU loop to name
+        return described
+    return f"{described}, {features.choose()}"
 
 
 def threading_layer() -> str:

@@ -47,9 +47,20 @@ CPU_CHUNK = 2048
 #: e**20 ~ 4.9e8: terms up to e**20 keep float32 lanes far from overflow and lose < 2e-6 to rounding.
 CPU_RESCAN_TRIGGER = 4.0e8
 
-#: The hand-written AVX2 exp-sum (:mod:`ptx_numba._avx2`) for float32, bfloat16 and float16 logits:
-#: None = use it where the CPU has AVX2 + FMA (+ F16C for float16); False = always the portable
-#: Numba loop (tests patch this to cover both). Read at call time.
+#: Which exp-sum loop the CPU kernels run (:mod:`ptx_numba.cpu.simd.features`): None = the best
+#: the compile target has ("avx512" where it has AVX-512 F/BW/DQ/VL, else "avx2" with AVX2 + FMA,
+#: else "portable"), or one of those names to lower the choice. It exists so one machine can run
+#: and compare every loop (tests, benchmarks), and so a deployment can pin one loop. Naming an
+#: ISA the target lacks raises ValueError (its instructions would kill the process). Read at call
+#: time; when None, the environment variable :data:`CPU_ISA_ENV_VAR` is read instead.
+CPU_ISA = None
+
+#: Environment variable read (at call time) while ``CPU_ISA`` is None, e.g.
+#: ``PTX_NUMBA_CPU_ISA=avx2 ptx-numba bench ...``; empty means automatic.
+CPU_ISA_ENV_VAR = "PTX_NUMBA_CPU_ISA"
+
+#: False forces the portable loop whatever ``CPU_ISA`` says (the older switch, kept for scripts
+#: and tests that set it); None defers to ``CPU_ISA``. Read at call time.
 CPU_AVX2 = None
 
 #: Minimum elements per thread-piece when one row is split across threads (small-N case).

@@ -21,3 +21,23 @@ def rng():
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"rng seed = {seed}")
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(params=["portable", "avx2", "avx512"])
+def cpu_isa(request, monkeypatch):
+    """Run a CPU test on each exp-sum loop of the plain walk, skipping those the target lacks.
+
+    The test id names the loop; ``config.CPU_ISA`` is set to it, and the CPU backend is checked to
+    run exactly that loop for float32 and float64 logits.
+    """
+    from ptx_numba import config
+    from ptx_numba.cpu import loop_isa
+    from ptx_numba.cpu.simd import features
+
+    available = features.available()
+    if request.param not in available:
+        pytest.skip(f"the compile target lacks {request.param} (available: {', '.join(available)})")
+    monkeypatch.setattr(config, "CPU_AVX2", None)
+    monkeypatch.setattr(config, "CPU_ISA", request.param)
+    assert loop_isa(np.dtype(np.float32)) == loop_isa(np.dtype(np.float64)) == request.param
+    return request.param

@@ -15,13 +15,10 @@ from ptx_numba._rowpass import StatsSpec
 pytestmark = pytest.mark.skipif(not cpu.BACKEND.is_available()[0], reason="numba unavailable")
 
 
-@pytest.fixture(params=["avx2", "portable"])
-def kernel_path(request, monkeypatch):
-    """Run a test on the hand-written AVX2 loop and on the portable Numba loop."""
-    if request.param == "avx2" and not cpu.uses_avx2(np.dtype(np.float64)):
-        pytest.skip("the AVX2 loop does not run on this CPU")
-    monkeypatch.setattr(config, "CPU_AVX2", None if request.param == "avx2" else False)
-    return request.param
+@pytest.fixture
+def kernel_path(cpu_isa):
+    """Run a test on each exp-sum loop (see ``cpu_isa`` in conftest.py)."""
+    return cpu_isa
 
 
 def _exact(z64, labels):
@@ -163,25 +160,60 @@ def test_kernel_is_loaded_from_cache_in_a_new_process(tmp_path):
     assert hits2 >= 2 and misses2 == 0  # the second loaded both kernels from the cache
 
 
-def test_isa_marker_kernel_loads_from_cache_fast_in_a_new_process(tmp_path):
-    """The walk is specialised on an ISA marker *type*: a fresh process must load, not compile."""
+def test_isa_marker_kernel_loads_from_cache_in_a_new_process(tmp_path):
+    """The walk is specialised on an ISA marker *type*: a fresh process must load, not compile.
+
+    One kernel per ISA: each choice (and the older ``CPU_AVX2 = False`` switch) compiles once,
+    and a second process with the same choice loads its own kernel from the cache.
+    """
+    from ptx_numba.cpu.simd import features
+
     script = textwrap.dedent(
         """
-        import time, numpy as np
+        import numpy as np
         from ptx_numba import config
-        from ptx_numba.cpu import BACKEND, rowpass
+        from ptx_numba.cpu import BACKEND, loop_isa, rowpass
         from ptx_numba._rowpass import StatsSpec
-        config.CPU_AVX2 = %s
-        t0 = time.perf_counter()
+        config.CPU_ISA, config.CPU_AVX2 = %s
         BACKEND.row_stats(np.zeros((2, 3), np.float32), np.array([0, 1]), StatsSpec(target=True))
         d = rowpass.plain_kernel
-        print(len(d.stats.cache_hits), len(d.stats.cache_misses), time.perf_counter() - t0)
+        print(len(d.stats.cache_hits), len(d.stats.cache_misses), loop_isa(np.float32))
         """
     )
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path))
-    for flag in ("None", "False"):
-        code = script % flag
-        subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    env.pop("PTX_NUMBA_CPU_ISA", None)
+    choices = [(repr(name), None, name) for name in features.available()] + [("None", False, "portable")]
+    for isa_name, avx2_flag, expected in choices:
+        code = script % f"{isa_name}, {avx2_flag}"
+        first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        hits, misses, _ = out.stdout.split()
-        assert int(hits) >= 1 and int(misses) == 0, (flag, out.stdout)
+        hits, misses, ran = out.stdout.split()
+        assert ran == expected and first.stdout.split()[2] == expected
+        assert int(hits) >= 1 and int(misses) == 0, (isa_name, avx2_flag, out.stdout)
+
+
+def test_isa_choice_from_config_and_environment(monkeypatch):
+    from ptx_numba.cpu.simd import features, isa
+
+    best = features.available()[0]
+    monkeypatch.setattr(config, "CPU_ISA", None)
+    monkeypatch.setattr(config, "CPU_AVX2", None)
+    monkeypatch.delenv(config.CPU_ISA_ENV_VAR, raising=False)
+    assert isa.for_dtype(np.dtype(np.float32)) is isa.BY_NAME[best]
+    assert cpu.loop_isa(np.float32) == best
+    monkeypatch.setenv(config.CPU_ISA_ENV_VAR, " Portable ")  # read at call time, case-insensitive
+    assert cpu.loop_isa(np.float32) == "portable"
+    monkeypatch.setenv(config.CPU_ISA_ENV_VAR, "sse9")
+    with pytest.raises(ValueError, match="PTX_NUMBA_CPU_ISA must be one of"):
+        cpu.loop_isa(np.float32)
+    x = np.zeros((2, 3), np.float32)
+    with pytest.raises(ValueError, match="PTX_NUMBA_CPU_ISA"):
+        pn.cross_entropy(x, [0, 1], backend="cpu")
+    monkeypatch.setattr(config, "CPU_ISA", "portable")  # the config attribute wins over the variable
+    assert cpu.loop_isa(np.float32) == "portable"
+    monkeypatch.setattr(config, "CPU_ISA", "avx3")
+    with pytest.raises(ValueError, match="config.CPU_ISA must be one of"):
+        cpu.loop_isa(np.float32)
+    monkeypatch.setattr(config, "CPU_ISA", best)
+    monkeypatch.setattr(config, "CPU_AVX2", False)  # the older switch still means "portable"
+    assert cpu.loop_isa(np.float64) == "portable"

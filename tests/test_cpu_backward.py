@@ -181,7 +181,9 @@ FAST_CASES = [("float32", np.float32), ("bfloat16", np.uint16), ("float16", np.i
 @pytest.fixture(params=["avx2", "portable"])
 def loop(request, monkeypatch):
     """The hand-written loop where the host has AVX2, and the portable one."""
-    if request.param == "avx2" and not cpu.uses_avx2(np.dtype(np.float32)):
+    from ptx_numba.cpu.simd import avx2
+
+    if request.param == "avx2" and not avx2.AVAILABLE:
         pytest.skip("the AVX2 loop does not run on this CPU")
     monkeypatch.setattr(config, "CPU_AVX2", None if request.param == "avx2" else False)
     return request.param

@@ -22,17 +22,15 @@ from ptx_numba.cpu.simd import isa  # noqa: E402
 SPEC = StatsSpec(target=True, entropy=True)
 
 
-@pytest.fixture(params=["avx2", "portable"])
-def loop(request, monkeypatch):
-    """The moment loop where the host has one, and the moments walk."""
-    if request.param == "avx2" and not cpu.uses_avx2(np.dtype(np.float32)):
-        pytest.skip("the AVX2 loop does not run on this CPU")
-    monkeypatch.setattr(config, "CPU_AVX2", None if request.param == "avx2" else False)
-    return request.param
+@pytest.fixture
+def loop(cpu_isa):
+    """Each ISA's moment loop where the target has it, and the moments walk ("portable")."""
+    return cpu_isa
 
 
 def test_the_walk_takes_only_its_specs():
     assert entropy.handles(SPEC, isa.AVX2) and entropy.handles(StatsSpec(entropy=True), isa.AVX2)
+    assert entropy.handles(SPEC, isa.AVX512)
     assert not entropy.handles(SPEC, isa.PORTABLE)
     for other in (StatsSpec(entropy=True, inv_temperature=2.0), StatsSpec(entropy=True, softcap=30.0),
                   StatsSpec(entropy=True, dsum=True), StatsSpec(entropy=True, pair=True),

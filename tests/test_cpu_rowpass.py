@@ -27,13 +27,10 @@ SPECS = {
 CHUNK = config.CPU_CHUNK
 
 
-@pytest.fixture(params=["avx2", "portable"])
-def loop(request, monkeypatch):
-    """Both loops of the plain walk (the moments walk has one)."""
-    if request.param == "avx2" and not cpu.uses_avx2(np.dtype(np.float32)):
-        pytest.skip("the AVX2 loop does not run on this CPU")
-    monkeypatch.setattr(config, "CPU_AVX2", None if request.param == "avx2" else False)
-    return request.param
+@pytest.fixture
+def loop(cpu_isa):
+    """Every loop of the plain walk (the moments walk has one; see ``cpu_isa`` in conftest.py)."""
+    return cpu_isa
 
 
 def encode(z64, dtype):
@@ -266,3 +263,14 @@ def test_nan_at_a_piece_boundary(loop, monkeypatch, dtype, name):
     assert np.isnan(st.m[0]) and np.isnan(st.s[0])
     if spec.pair:
         assert np.isnan(st.m_w[0]) and np.isnan(st.u[0])
+
+
+def test_each_loop_compiles_its_own_kernel(loop, rng):
+    # the plain kernel is specialised on the ISA marker's type: the chosen loop really ran
+    from ptx_numba.cpu import rowpass
+
+    x = rng.standard_normal((3, 5000)).astype(np.float32)
+    st = cpu.BACKEND.row_stats(x, np.array([0, 4, -1]), SPECS["plain"])
+    np.testing.assert_allclose(st.m + np.log(st.s), scipy_lse(x.astype(np.float64), axis=1), rtol=2e-7)
+    names = {str(sig[0]) for sig in rowpass.plain_kernel.signatures}
+    assert f"ptx_numba.isa.{loop}" in names, names

@@ -87,8 +87,20 @@ BACKEND = CpuBackend()
 # --------------------------------------------------------------------------------------------
 # which loop runs
 # --------------------------------------------------------------------------------------------
-def uses_avx2(dtype: np.dtype) -> bool:
-    """Whether the plain statistics of this encoded dtype run on the AVX2 loop."""
+def loop_isa(dtype: np.dtype) -> str:
+    """The ISA whose exp-sum loop the plain statistics of this encoded dtype run on now.
+
+    Parameters
+    ----------
+    dtype : numpy.dtype
+        Encoded logits dtype (float32, float64, uint16 for bfloat16 bits, int16 for float16 bits).
+
+    Returns
+    -------
+    str
+        ``"avx512"``, ``"avx2"`` or ``"portable"`` (see :mod:`ptx_numba.cpu.simd.features`; follows
+        ``config.CPU_ISA``, ``$PTX_NUMBA_CPU_ISA`` and ``config.CPU_AVX2``).
+    """
     from .simd import isa
 
-    return isa.for_dtype(np.dtype(dtype), config.CPU_AVX2) is isa.AVX2
+    return isa.for_dtype(np.dtype(dtype), config.CPU_AVX2).name

@@ -1,35 +1,41 @@
-"""The exp-sum hot loop, written once for any vector width: 8 or 16 float32 lanes (4 or 8 float64).
+"""The exp-sum hot loop of the CPU kernels, written once for any vector width.
 
-Each loop computes exactly what the AVX2 loop does (same numerics, same constants, same call):
-``sum_j 2**((x_j*K8 - S)/8)`` on float32 lanes for float32, bfloat16 (uint16 bits) and float16
-(int16 bits) chunks, ``sum_j 2**(x_j*K1 - S)`` on float64 lanes for float64 chunks, with ``k, ms,
-lo, hi`` from ``constants(shift)`` of the shift module. The operations per vector are the same as
-in the AVX2 loop (clamp, FMA range reduction, ``2**(k/8)`` by a table and an exponent shift, degree-3
-polynomial; degree 9 and no table for float64); only the width changes. The constants do not:
+LLVM's loop vectorizer cannot use a register-resident table (``vpermps``) and always spends a
+subtraction on ``x - m``; this module writes the loop as LLVM vector IR (``numba.extending.intrinsic``),
+13 vector operations per 8 float32 lanes instead of 17: ``sum_j 2**((x_j * K8 - S) / 8)``, with ``K8
+= 8/ln 2`` (float32) and an integer ``S``:
 
-* The 16-lane table is the 8-entry table twice. ``vpermps`` zmm indexes with the low 4 bits of
-  ``s8``, whose low bits are ``8*(n + 127) + j`` (``j = k mod 8``), so index ``8b + j`` must hold
-  what index ``j`` holds: the same ``2**(j/8)`` less the bits the shift adds back. ``K8``,
-  ``MAGIC``, the clamps, ``S_LIMIT`` and ``corr`` are unchanged, so the walk needs no second set.
-  (A 16-step table, ``K16 = 16/ln 2``, was considered: it halves ``r`` but degree 2 would still
-  be 4e-7 relative, over 3 ulp, so it saves no operation.)
+1. ``x`` is clamped to ``[lo, hi]`` (two ``vmaxps``/``vminps``; NaN passes through).
+2. ``s8 = fma(x, K8, MAGIC - S)`` rounds ``x*K8 - S`` to an integer ``k`` held in the low mantissa
+   bits of ``s8`` (``MAGIC = 1.5 * 2**23 + 8*127`` also carries the exponent bias).
+3. ``u = (MAGIC - S) - s8 = -S - k`` exactly, so ``r = fma(x, K8, u) = x*K8 - S - k`` with a single
+   rounding; ``|r| <= 1/2``.
+4. ``2**(k/8)``: ``k mod 8`` picks ``2**(j/8)`` from an 8-entry table in one register (``vpermps``)
+   and ``k >> 3`` goes into the exponent field by one shift and one integer add.
+5. ``2**(r/8) = 1 + q(r)``, ``q`` a degree-3 polynomial; the term is ``fma(scale, q, scale)``.
 
-The width is the only thing LLVM must legalize: a ``<16 x float>`` FMA becomes two ``ymm`` FMAs
-on an AVX2 target, so the 16-lane loops are compiled and checked on any x86-64 machine with AVX2.
-Only the table lookup has no width-generic spelling (IR has no variable shuffle): the "avx512"
-flavour calls ``llvm.x86.avx512.permvar.sf.512`` (one ``vpermps`` zmm), the "avx2" flavour of
-the 16-lane loop does two ``llvm.x86.avx2.permps`` on the halves. ``vcvtph2ps`` (float16) is plain
-``fpext half`` in the IR, one per vector of the loop's own width. That matters: the AVX2 loop's
-16-element ``fpext`` becomes ``vcvtph2psx zmm`` + ``vextractf64x4`` on an AVX-512 target, and on
-Intel cores one 512-bit instruction in a loop takes port 1's vector units away from all of its
-``ymm`` work, which is why float16 ran at half bfloat16's speed on a Sapphire-Rapids-class Xeon
-(``bench/isa_ablation.py``: 0.38-0.42 against 0.28-0.34 ns/element in L1, and past L3 from 30%
-to 46% of the read floor with the 64-byte step and prefetch of the other encodings).
+With ``m = S / K8`` (the row shift, float64) each term is ``exp(kappa * (x - m))``, ``kappa = K8 *
+ln2 / 8 = 1 - 1.3e-8`` (less than the float32 rounding of ``x - m`` the portable loop incurs), to
+within 1.5 ulp; exactly 0 below ``x - m = -88.03`` and for ``-inf``, at most ``3.3e38`` above
+``hi``, NaN for NaN. ``S`` comes from :func:`.shift.shift_constants`. **float64** lanes sum ``2**(x_j
+* K1 - S)``, ``K1 = 1/ln 2``: the same clamps and FMA range reduction (``MAGIC64 = 1.5 * 2**52 +
+1023``), ``2**k`` from the shifted bits (no table), ``2**r`` by a degree-9 polynomial: ``exp(x -
+m)`` to within 5e-14 relative, 0 below ``x - m = -709.1``, finite above ``+709.4``.
 
-Loops per flavour (:data:`LOOPS`): ``(lanes, table)`` in ``(8, "avx2")``, ``(16, "avx2")``,
-``(16, "avx512")``; each also has a *moment* twin returning ``(sum_j term_j, sum_j term_j * d_j)``
-with ``d_j = x_j*K - S`` (``x_j`` clamped, one FMA), for the entropy ``H = log s - t/s`` in units
-of ``1/K`` (see :func:`make_expsum`).
+**Width** is a parameter (:class:`Plan`): 8 float32 lanes (``ymm``) or 16 (``zmm``); float64 has
+half as many. The constants do not change: ``vpermps`` zmm indexes with the low 4 bits of ``s8``,
+whose low bits are ``8*(n + 127) + j``, so the 16-entry table is the 8-entry one twice, and the walk
+needs one set of constants for every loop. LLVM legalizes the width: a
+``<16 x float>`` FMA becomes two ``ymm`` FMAs on an AVX2 target, so the 16-lane loops are compiled
+and checked on any AVX2 machine. Only the table lookup has no width-generic spelling: the "avx512"
+flavour calls ``llvm.x86.avx512.permvar.sf.512`` (one ``vpermps`` zmm), the "avx2" flavour
+``llvm.x86.avx2.permps`` per 8 lanes. float16 is plain ``fpext half``, one per vector of the loop's
+own width. That matters: a 16-element ``fpext`` in an 8-lane loop becomes ``vcvtph2psx zmm`` on an
+AVX-512 target, and on Intel cores one 512-bit instruction in a loop takes port 1's vector units
+away from all of its ``ymm`` work: float16 ran at half bfloat16's speed on a Sapphire-Rapids-class
+Xeon that way (``bench/isa_ablation.py``: 0.38-0.42 against 0.28-0.34 ns/element in L1).
+Loops: :data:`LOOPS`, each with a *moment* twin returning ``(sum term, sum term * (x*K - S))`` for
+the entropy (:func:`make_expsum`). :mod:`.isa` plugs them into the row walk.
 """
 from __future__ import annotations
 
@@ -41,16 +47,29 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-# --- what this module takes from the AVX2 loop and its shift arithmetic (one place, renamed at
-# --- the cpu/simd merge: ._avx2 -> .avx2, ._shift -> .shift)
-from .avx2 import _A1, _A2, _A3, _C64, _TABLE, PREFETCH_BYTES
 from .shift import MAGIC, MAGIC64, constants, shift_limit  # noqa: F401  (re-exported)
 
-_F32 = ir.FloatType()
-_F64 = ir.DoubleType()
-_I16 = ir.IntType(16)
-_I32 = ir.IntType(32)
-_I64 = ir.IntType(64)
+#: Software prefetch distance (bytes) of each 64-byte line read: 4 KiB ahead cut [512, 128256]
+#: float32 from 19.0 to 15.3 ms on one thread, float64 from 35.0 to 28.0 ms on two (Zen 3; 2 and 8
+#: KiB no better). A compile-time constant: Numba's cache would not notice a runtime setting.
+PREFETCH_BYTES = 4096
+
+# Entry j: the bits of 2**(j/8) less what the shifted s8 bits add back (127 << 23, and j << 20).
+_TABLE = [int(np.float32(2.0 ** (j / 8.0)).view(np.uint32)) - (127 << 23) - (j << 20) for j in range(8)]
+# 2**(r/8) - 1 ~ r*(A1 + r*(A2 + r*A3)) on |r| <= 1/2, fitted for minimum relative error
+# (Lawson iterations, then a search over neighbouring float32 values): fit error 2.7e-8 (0.45 ulp).
+_A1 = 0.08664340525865555
+_A2 = 0.003754026023671031
+_A3 = 0.00010839102469617501
+
+# 2**r ~ 1 + r*(C1 + ... + C9*r**8) on |r| <= 1/2: interpolated at 9 Chebyshev nodes, 3.7e-14
+# relative. Degree 10 (5.8e-16) cost 12% more time per element; the float64 contract is 1e-10.
+_C64 = (0.6931471805599453, 0.2402265069581299, 0.055504108664760424, 0.009618129159402558,
+        0.0013333558179043112, 0.00015403455852453838, 1.525268684626772e-05, 1.3255224878668817e-06,
+        1.0203121063391729e-07)
+
+_F32, _F64 = ir.FloatType(), ir.DoubleType()
+_I16, _I32, _I64 = ir.IntType(16), ir.IntType(32), ir.IntType(64)
 
 #: Encodings read, with the stored bits that decode to -inf (the padding of a partial block).
 _NEG_INF = {types.float32: -np.inf, types.float64: -np.inf, types.uint16: 0xFF80, types.int16: -1024}
@@ -149,7 +168,7 @@ def _lookup(builder, plan, bits):
 
 
 def _term_f32(builder, plan, x, k8, ms, lo, hi):
-    """``(term, clamped x)``: ``2**((x*K8 - S)/8)`` per float32 lane (see the AVX2 loop)."""
+    """``(term, clamped x)``: ``2**((x*K8 - S)/8)`` per float32 lane (steps 1-5 above)."""
     vf, vi = x.type, _vec(_I32, x.type.count)
     x = _clamp(builder, x, lo, hi)
     s8 = _fma(builder, x, k8, ms)
@@ -158,6 +177,8 @@ def _term_f32(builder, plan, x, k8, ms, lo, hi):
     entry = builder.bitcast(_lookup(builder, plan, bits), vi)
     scale = builder.bitcast(builder.add(entry, builder.shl(bits, _splat(20, vi))), vf)
     q = _fma(builder, _fma(builder, _splat(_A3, vf), r, _splat(_A2, vf)), r, _splat(_A1, vf))
+    # Not fma(scale, fma(q, r, 1), acc), one op fewer: rounding 1 + q*r costs another 0.5 ulp
+    # (1.81 ulp measured against 1.5) for 5-10% on an L1-resident chunk.
     return _fma(builder, scale, builder.fmul(q, r), scale), x
 
 
@@ -172,8 +193,8 @@ def _term_f64(builder, plan, x, k1, ms, lo, hi):
     s = _fma(builder, x, k1, ms)
     r = _fma(builder, x, k1, builder.fsub(ms, s))
     scale = builder.bitcast(builder.shl(builder.bitcast(s, vq), _splat(52, vq)), vd)
-    # 2**r = E(r*r) + r*O(r*r): two Horner chains side by side (one chain of 9 FMAs kept too few
-    # blocks in flight, measured with the AVX2 loop)
+    # 2**r = E(r*r) + r*O(r*r): two Horner chains of 4 FMAs side by side. One chain of 9
+    # dependent FMAs (36 cycles) kept too few blocks in flight for the scheduler to overlap.
     r2 = builder.fmul(r, r)
     coeffs = (1.0,) + _C64
     even = _splat(coeffs[8], vd)
@@ -369,13 +390,16 @@ def make_expsum(plan: Plan, name: str):
     return intrinsic(typer)
 
 
-#: The loop flavours: ``(lanes, table)``; "avx512" needs :mod:`.isa`'s "avx512" target.
+#: The loop flavours: ``(lanes, table)``; "avx512" needs the AVX-512 target of :mod:`.features`.
+#: Each iteration reads 64 bytes per 8 lanes with a prefetch per line, except "avx2_8"'s float16
+#: (16 elements, no prefetch): 0.3-0.5 ms faster on Zen 3 at [512, 128256] on 2 threads, where
+#: bfloat16 gained from 32 elements and prefetches (7.25-7.5 against 7.9-8.0 ms, min of 40 calls).
 LOOPS = {"avx2_8": Plan(8, "avx2", step_bytes=(("int16", 32),), no_prefetch=frozenset({"int16"})),
          "avx2_8_f16fix": Plan(8, "avx2"),
          "avx2_16": Plan(16, "avx2"),
          "avx512_16": Plan(16, "avx512")}
 
-#: 8 lanes, every step and prefetch as in the AVX2 loop (float16: 16 elements, no prefetch).
+#: 8 lanes: the AVX2 loop (float16: 16 elements per iteration, no prefetch, widened per 8 lanes).
 expsum_avx2 = make_expsum(LOOPS["avx2_8"], "expsum_avx2")
 #: 8 lanes with float16 read like the others: 64 bytes per iteration, one prefetch per line.
 expsum_avx2_f16fix = make_expsum(LOOPS["avx2_8_f16fix"], "expsum_avx2_f16fix")
@@ -389,10 +413,7 @@ expsum_moment_avx2 = make_expsum(dataclasses.replace(LOOPS["avx2_8"], moment=Tru
 expsum_moment_avx2_16 = make_expsum(dataclasses.replace(LOOPS["avx2_16"], moment=True), "expsum_moment_avx2_16")
 expsum_moment_avx512 = make_expsum(dataclasses.replace(LOOPS["avx512_16"], moment=True), "expsum_moment_avx512")
 
-#: The loop (and its moment twin) per ISA of :func:`.isa.choose`; "portable" has none (the walk
-#: keeps its LLVM-vectorized loop). Every entry takes the constants of ``constants(shift)``.
-#: "avx2" keeps the AVX2 loop's steps, tuned on Zen 3 (float16: 16 elements, no prefetch, which
-#: measured faster there); ``expsum_avx2_f16fix`` was faster past L3 on the Xeon, where the
-#: "avx512" loop runs instead.
+#: The loop (and its moment twin) per ISA of :func:`.features.choose` ("portable" has none: the
+#: walk keeps its LLVM-vectorized loop); each takes the constants of ``constants(shift)``.
 LOOP_FOR_ISA = {"avx512": expsum_avx512, "avx2": expsum_avx2}
 MOMENT_FOR_ISA = {"avx512": expsum_moment_avx512, "avx2": expsum_moment_avx2}

@@ -1,10 +1,11 @@
 """Which exp-sum loop a row walk runs: one tiny Numba type per instruction set.
 
 The walk of :mod:`ptx_numba.cpu.rowpass` is written once and takes an *ISA marker* as its first
-argument: :data:`PORTABLE` (Numba loops that LLVM vectorizes, every CPU) or :data:`AVX2` (the
-hand-written loops of :mod:`.avx2`). Each marker has its own Numba type, so the walk compiles once
-per marker, and the ``@overload``\\ ed functions below (:func:`setup`, :func:`expsum`,
-:func:`shift_limit`) pick the loop from that type at compile time.
+argument: :data:`PORTABLE` (Numba loops that LLVM vectorizes, every CPU), :data:`AVX2` (the 8-lane
+loops of :mod:`.expsum`) or :data:`AVX512` (its 16-lane loops). Each marker has its own Numba type,
+so the walk compiles (and is cached) once per marker, and the ``@overload``\\ ed functions below
+(:func:`setup`, :func:`expsum`, :func:`shift_limit`) pick the loop from that type at compile time.
+:func:`for_dtype` picks the marker from :func:`.features.choose`.
 
 Why a type and not a function argument: a jitted function passed as an argument is typed by the
 dispatcher object's identity, and Numba's disk cache then missed in every new process (measured).
@@ -20,7 +21,10 @@ import numpy as np
 from numba import njit, types
 from numba.extending import NativeValue, intrinsic, models, overload, register_model, typeof_impl, unbox
 
-from . import avx2
+from . import expsum as _loops
+from . import features
+from .shift import constants as _constants
+from .shift import shift_limit as _shift_limit
 from .primitives import decode, fast_exp, zero_like
 
 
@@ -38,8 +42,14 @@ class Avx2Type(IsaType):
         super().__init__(name="ptx_numba.isa.avx2")
 
 
+class Avx512Type(IsaType):
+    def __init__(self):
+        super().__init__(name="ptx_numba.isa.avx512")
+
+
 portable_type = PortableType()
 avx2_type = Avx2Type()
+avx512_type = Avx512Type()
 
 
 class Isa:
@@ -62,15 +72,22 @@ class _Avx2(Isa):
     pass
 
 
+class _Avx512(Isa):
+    pass
+
+
 #: The portable loops (every CPU).
 PORTABLE = _Portable("portable")
-#: The hand-written AVX2 loops (x86-64 with AVX2 + FMA; see :mod:`.avx2`).
+#: The 8-lane loops (x86-64 with AVX2 + FMA; see :mod:`.avx2`).
 AVX2 = _Avx2("avx2")
+#: The 16-lane loops (AVX-512 F/BW/DQ/VL; see :mod:`.expsum`).
+AVX512 = _Avx512("avx512")
+#: Marker per ISA name of :mod:`.features`.
+BY_NAME = {"portable": PORTABLE, "avx2": AVX2, "avx512": AVX512}
 
-typeof_impl.register(_Portable)(lambda value, context: portable_type)
-typeof_impl.register(_Avx2)(lambda value, context: avx2_type)
-register_model(PortableType)(models.OpaqueModel)
-register_model(Avx2Type)(models.OpaqueModel)
+for _cls, _type in ((_Portable, portable_type), (_Avx2, avx2_type), (_Avx512, avx512_type)):
+    typeof_impl.register(_cls)(lambda value, context, _type=_type: _type)
+    register_model(type(_type))(models.OpaqueModel)
 
 
 @unbox(IsaType)
@@ -129,9 +146,9 @@ def shift_limit(isa, shift):
 def _setup_overload(isa, shift):
     if isinstance(isa, PortableType):
         return lambda isa, shift: (np.float64(shift), (shift,), 1.0)
-    if isinstance(isa, Avx2Type):
+    if isinstance(isa, (Avx2Type, Avx512Type)):  # one set of constants for every width
         def impl(isa, shift):
-            m, k, ms, lo, hi, corr = avx2.constants(shift)
+            m, k, ms, lo, hi, corr = _constants(shift)
             return m, (k, ms, lo, hi), corr
         return impl
     return None
@@ -142,7 +159,9 @@ def _expsum_overload(isa, chunk, consts):
     if isinstance(isa, PortableType):
         return lambda isa, chunk, consts: portable_expsum(chunk, consts[0])
     if isinstance(isa, Avx2Type):
-        return lambda isa, chunk, consts: avx2.expsum(chunk, consts[0], consts[1], consts[2], consts[3])
+        return lambda isa, chunk, consts: _loops.expsum_avx2(chunk, consts[0], consts[1], consts[2], consts[3])
+    if isinstance(isa, Avx512Type):
+        return lambda isa, chunk, consts: _loops.expsum_avx512(chunk, consts[0], consts[1], consts[2], consts[3])
     return None
 
 
@@ -150,20 +169,36 @@ def _expsum_overload(isa, chunk, consts):
 def _shift_limit_overload(isa, shift):
     if isinstance(isa, PortableType):
         return lambda isa, shift: math.inf
-    if isinstance(isa, Avx2Type):
-        return lambda isa, shift: avx2.shift_limit(shift)
+    if isinstance(isa, (Avx2Type, Avx512Type)):
+        return lambda isa, shift: _shift_limit(shift)
     return None
 
 
 def for_dtype(dtype: np.dtype, allow_simd: object = None) -> Isa:
     """The marker the plain walk uses for logits of this encoded dtype.
 
-    ``allow_simd`` is ``config.CPU_AVX2``: False forces :data:`PORTABLE` (tests cover both loops).
+    Parameters
+    ----------
+    dtype : numpy.dtype
+        The encoded logits dtype (float32, float64, uint16, int16).
+    allow_simd : object, optional
+        ``config.CPU_AVX2``: False forces :data:`PORTABLE`; anything else defers to
+        :func:`.features.choose` (``config.CPU_ISA``, ``$PTX_NUMBA_CPU_ISA``, else the best ISA
+        of the compile target). An ISA that cannot read ``dtype`` (AVX2 float16 without F16C)
+        falls back to :data:`PORTABLE`.
+
+    Raises
+    ------
+    ValueError
+        The requested ISA is unknown or the compile target lacks it.
     """
-    if allow_simd is not False and avx2.supports(np.dtype(dtype)):
-        return AVX2
-    return PORTABLE
+    if allow_simd is False:
+        return PORTABLE
+    name = features.choose()
+    if not features.supports(name, np.dtype(dtype)):
+        return PORTABLE
+    return BY_NAME[name]
 
 
-__all__ = ["AVX2", "PORTABLE", "Isa", "IsaType", "expsum", "for_dtype", "portable", "setup",
-           "shift_limit"]
+__all__ = ["AVX2", "AVX512", "BY_NAME", "PORTABLE", "Isa", "IsaType", "expsum", "for_dtype", "portable",
+           "setup", "shift_limit"]
