@@ -37,6 +37,7 @@ from ._jit import CHUNK, jit
 from .moments import _ratio, _slice, kscale, tvalue
 from .rowpass import flat_rows
 from .simd import avx2 as _avx2
+from .simd import isa as _isa
 from .simd.gradloop import grad_row
 from .simd.primitives import f32_to_bits, fast_exp, zero_like
 from .simd.shift import K8, S_LIMIT, shift_constants
@@ -336,4 +337,4 @@ def row_grad(x: np.ndarray, y: np.ndarray, spec: StatsSpec, stats: RowStats, coe
     else:
         grad_kernel(flat, row0, stride, None, 0, 0, oflat, orow0, ostride,
                     np.ascontiguousarray(y), vocab, inv_t, cap, m, s, np.zeros(n), table,
-                    config.CPU_AVX2 is not False)
+                    _isa.for_dtype(x.dtype, config.CPU_AVX2) is not _isa.PORTABLE)
