@@ -14,7 +14,7 @@ import scipy.special
 from ptx_numba.contract import rel_error
 
 __all__ = ["cast", "as_f64", "rel_error", "assert_close", "lse64", "ce64", "logp64", "entropy64",
-           "kl64", "softmax64"]
+           "kl64", "softmax64", "ce_grad64"]
 
 
 def cast(z, dtype):
@@ -100,3 +100,16 @@ def kl64(z, w, temperature=1.0):
     """Float64 ``KL(softmax(z / T) || softmax(w / T))`` per row."""
     with np.errstate(all="ignore"):
         return scipy.special.rel_entr(softmax64(z, temperature), softmax64(w, temperature)).sum(axis=-1)
+
+
+def ce_grad64(z, labels, ignore_index=-100):
+    """Float64 gradient of the mean cross entropy over the last axis: ``(softmax - onehot) / count``
+    on valid rows, 0 on ignored ones (shape of ``z``)."""
+    z = as_f64(z)
+    flat = z.reshape(-1, z.shape[-1])
+    y = np.asarray(labels).reshape(-1)
+    valid = y != ignore_index
+    g = softmax64(flat)
+    g[np.flatnonzero(valid), y[valid]] -= 1.0
+    g[~valid] = 0.0
+    return (g / max(1, int(valid.sum()))).reshape(z.shape)
