@@ -11,12 +11,11 @@ import re
 import ml_dtypes
 import numpy as np
 import pytest
-import scipy.special
 
 import ptx_numba as pn
-from exact import as_f64, cast
+from exact import as_f64, assert_close, cast, entropy64, kl64, logp64
 from ptx_numba import _dispatch
-from ptx_numba.contract import TOL_FLOAT32, rel_error, tolerance
+from ptx_numba.contract import TOL_FLOAT32, tolerance
 
 HOST_BACKENDS = [b for b in pn.available_backends() if b != "cuda"]
 DTYPES = ["float32", "float64", "float16", "bfloat16"]
@@ -32,13 +31,6 @@ def _fresh_dispatch_state():
 @pytest.fixture
 def torch():
     return pytest.importorskip("torch")
-
-
-def check(got, want, tol, what):
-    got, want = as_f64(got), as_f64(want)
-    assert got.shape == want.shape, (what, got.shape, want.shape)
-    err = rel_error(got, want)
-    assert err <= tol, f"{what}: rel err {err:.3g} > {tol:g}"
 
 
 def check_grad(got, want, dtype, what):
@@ -85,23 +77,6 @@ def torch_ce_rows(torch, z, y, eps=0.0, lam=0.0, cap=None, temperature=None):
     return rows
 
 
-def logp64(z, temperature=1.0):
-    with np.errstate(all="ignore"):
-        return scipy.special.log_softmax(z / temperature, axis=-1)
-
-
-def entropy64(z, temperature=1.0):
-    with np.errstate(all="ignore"):
-        return scipy.special.entr(scipy.special.softmax(z / temperature, axis=-1)).sum(axis=-1)
-
-
-def kl64(z, w, temperature=1.0):
-    with np.errstate(all="ignore"):
-        p = scipy.special.softmax(z / temperature, axis=-1)
-        q = scipy.special.softmax(w / temperature, axis=-1)
-        return scipy.special.rel_entr(p, q).sum(axis=-1)
-
-
 def gather(a, y):
     return np.take_along_axis(a, np.maximum(y, 0)[..., None], axis=-1)[..., 0]
 
@@ -130,7 +105,7 @@ def test_cross_entropy_options_match_torch(rng, torch, backend, dtype, opts):
     tol = tolerance(dtype)
     rows = pn.cross_entropy(x, y, reduction="none", backend=backend, **opts)
     assert rows.dtype == (np.float64 if dtype == "float64" else np.float32)
-    check(rows, want, tol, "none " + ctx)
+    assert_close(rows, want, tol, "none " + ctx)
     assert (rows[~valid] == 0.0).all()
     bound = tol * np.maximum(1.0, np.abs(want[valid])).sum()
     assert abs(pn.cross_entropy(x, y, reduction="sum", backend=backend, **opts) - want.sum()) <= bound
@@ -227,7 +202,7 @@ def test_ptx_loss_and_grad_is_beta_times_mean_ce_gradient(rng, backend):
     _, g = pn.cross_entropy_and_grad(x, y, grad_output=0.2, backend=backend, **opts)
     np.testing.assert_array_equal(grad, g)
     _, g1 = pn.cross_entropy_and_grad(x, y, backend=backend, **opts)
-    check(grad, 0.2 * g1, tolerance("float64"), "beta scaling")
+    assert_close(grad, 0.2 * g1, tolerance("float64"), "beta scaling")
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,10 +221,10 @@ def test_token_logprobs_and_entropy_match_scipy(rng, backend, dtype, temperature
     tol = tolerance(dtype)
     lp = pn.token_logprobs(x, y, temperature=temperature, backend=backend)
     assert lp.shape == y.shape and lp.dtype == (np.float64 if dtype == "float64" else np.float32)
-    check(lp, want_lp, tol, f"logp {backend}/{dtype}/T={temperature}")
+    assert_close(lp, want_lp, tol, f"logp {backend}/{dtype}/T={temperature}")
     lp2, h = pn.token_logprobs(x, y, temperature=temperature, return_entropy=True, backend=backend)
-    check(lp2, want_lp, tol, f"logp with entropy {backend}/{dtype}")  # another pass: same contract
-    check(h, want_h, tol, f"entropy {backend}/{dtype}")
+    assert_close(lp2, want_lp, tol, f"logp with entropy {backend}/{dtype}")  # another pass: same contract
+    assert_close(h, want_h, tol, f"entropy {backend}/{dtype}")
     assert (lp[~valid] == 0.0).all() and (h[~valid] == 0.0).all()
     if temperature == 1.0:  # log p(y) = -CE
         np.testing.assert_array_equal(lp, -pn.cross_entropy(x, y, reduction="none", backend=backend))
@@ -273,7 +248,7 @@ def test_entropy_matches_scipy(rng, backend, dtype, temperature):
     x, _, z = batch(rng, dtype)
     got = pn.entropy(x, temperature=temperature, backend=backend)
     assert got.shape == (x.shape[0],)
-    check(got, entropy64(z, temperature), tolerance(dtype), f"{backend}/{dtype}/T={temperature}")
+    assert_close(got, entropy64(z, temperature), tolerance(dtype), f"{backend}/{dtype}/T={temperature}")
     assert (got >= -tolerance(dtype)).all()
 
 
@@ -288,9 +263,9 @@ def test_kl_divergence_matches_scipy(rng, backend, dtype, ref_dtype, temperature
     got = pn.kl_divergence(x, wx, temperature=temperature, backend=backend)
     want = kl64(z, as_f64(wx), temperature)
     tol = tolerance("float64" if dtype == ref_dtype == "float64" else "float32")
-    check(got, want, tol, f"{backend}/{dtype}/{ref_dtype}/T={temperature}")
+    assert_close(got, want, tol, f"{backend}/{dtype}/{ref_dtype}/T={temperature}")
     assert (got >= -tol).all()
-    check(pn.kl_divergence(x, x, backend=backend), np.zeros(x.shape[0]), tol, "KL(p||p)")
+    assert_close(pn.kl_divergence(x, x, backend=backend), np.zeros(x.shape[0]), tol, "KL(p||p)")
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -300,7 +275,7 @@ def test_kl_divergence_masks(backend):
     got = pn.kl_divergence(z, w, backend=backend)
     want = kl64(z, w)
     assert got[1] == np.inf  # the reference gives 0 to a token the policy does not
-    check(got, want, tolerance("float64"), "masks")
+    assert_close(got, want, tolerance("float64"), "masks")
 
 
 def estimate(lp, lq, estimator):
@@ -325,7 +300,7 @@ def test_kl_penalty_estimators(rng, backend, estimator, dtype):
     got = pn.kl_penalty(x, w, y, estimator=estimator, temperature=temperature, backend=backend)
     assert got.shape == y.shape
     # w is float32: with two logit sets the float64 bound needs both in float64 (contract.py)
-    check(got, want, tolerance("float32"), f"{backend}/{estimator}/{dtype}")
+    assert_close(got, want, tolerance("float32"), f"{backend}/{estimator}/{dtype}")
     assert (got[~valid] == 0.0).all()
     if estimator == "full":
         kl = pn.kl_divergence(x, w, temperature=temperature, backend=backend)
@@ -338,7 +313,7 @@ def test_kl_penalty_of_identical_policies_is_zero(rng, backend):
     y = rng.integers(0, 11, 5)
     for estimator in ESTIMATORS:
         got = pn.kl_penalty(x, x.copy(), y, estimator=estimator, backend=backend)
-        check(got, np.zeros(5), tolerance("float64"), estimator)
+        assert_close(got, np.zeros(5), tolerance("float64"), estimator)
 
 
 # ------------------------------------------------------------------------------------------

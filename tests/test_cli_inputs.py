@@ -11,6 +11,7 @@ import pytest
 
 from ptx_numba import cli
 from ptx_numba.cli import shard as shard_module
+from exact import ce64, logp64
 from test_cli import close, expected_loss, run_json, save
 
 
@@ -176,11 +177,7 @@ def test_fortran_ordered_3d_logits_are_scored(capsys, rng, tmp_path, flat_labels
     result = run_json(capsys, "score", x, y, "--block-rows", "4", "--backend", "reference", "--per-row", out)
     # With --per-row the mean is formed from the float32 per-row values that are written.
     assert close(result["ce"], expected_loss(logits, labels, 1, 0)[2], "cpu")
-    z = logits.astype(np.float64).reshape(15, 11)
-    top = z.max(axis=1)
-    lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
-    y_flat = labels.reshape(-1)
-    want = np.where(y_flat == -100, 0.0, lse - z[np.arange(15), np.where(y_flat == -100, 0, y_flat)])
+    want = ce64(logits.reshape(15, 11), labels.reshape(-1))
     np.testing.assert_allclose(np.load(out), want, rtol=2e-6, atol=2e-6)
 
 
@@ -206,10 +203,8 @@ def test_per_row_logprobs(capsys, pair, tmp_path):
     out = str(tmp_path / "lp.npy")
     run_json(capsys, "score", x, y, "--per-row", out, "--op", "logprobs", "--backend", "reference")
     got = np.load(out)
-    z = logits.astype(np.float64)
-    lse = np.log(np.exp(z).sum(axis=1))
     valid = labels != -100
-    want = np.where(valid, z[np.arange(7), np.where(valid, labels, 0)] - lse, 0.0)
+    want = np.where(valid, logp64(logits)[np.arange(7), np.where(valid, labels, 0)], 0.0)
     assert got.dtype == np.float32 and got.shape == (7,)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert math.copysign(1.0, got[4]) == 1.0  # ignored row: +0.0

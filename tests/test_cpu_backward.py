@@ -9,6 +9,7 @@ import pytest
 from exact import cast
 from ptx_numba import _validate, config
 from ptx_numba._rowpass import GradCoef, StatsSpec
+from ptx_numba.contract import TOL_FLOAT32, TOL_FLOAT64
 from ptx_numba.reference import BACKEND as REFERENCE
 
 cpu = pytest.importorskip("ptx_numba.cpu")
@@ -51,12 +52,13 @@ def coefficients(rng, n, pair):
     return GradCoef(*c)
 
 
-def as_f64(out):
+def decoded(out):
+    """An output buffer's values in float64 (16-bit encodings decoded)."""
     return _validate.decode_to_float64(out)
 
 
 def assert_grad_close(got, want, out_dtype):
-    a, b = as_f64(got), as_f64(want)
+    a, b = decoded(got), decoded(want)
     assert not np.isnan(a).any() and not np.isnan(b).any()
     finite = np.isfinite(b)  # +-inf where w is -inf under mass of p (an infinite KL)
     np.testing.assert_array_equal(a[~finite], b[~finite])
@@ -68,7 +70,7 @@ def assert_grad_close(got, want, out_dtype):
         tiny = 2.0**-133 if out_dtype == np.uint16 else 2.0**-24
         assert np.all(np.abs(a - b) <= eps * np.abs(b) + tiny)
     else:
-        tol = 1e-10 if out_dtype == np.float64 else 2e-5
+        tol = TOL_FLOAT64 if out_dtype == np.float64 else TOL_FLOAT32
         scale = np.maximum(1.0, np.abs(b).max(axis=1, keepdims=True))
         assert np.all(np.abs(a - b) <= tol * scale)
 
@@ -91,7 +93,7 @@ def test_row_grad_matches_reference(rng, dtype, out_dtype, name, vocab):
     BACKEND.row_grad(x, y, spec, stats, coef, got, w)
     REFERENCE.row_grad(x, y, spec, stats, coef, want, w)
     assert_grad_close(got, want, out_dtype)
-    assert np.all(as_f64(got)[6] == 0.0)
+    assert np.all(decoded(got)[6] == 0.0)
 
 
 @pytest.mark.parametrize("dtype,out_dtype", [("float32", np.float32), ("bfloat16", np.uint16), ("float16", np.int16)])
@@ -127,7 +129,7 @@ def test_label_entry_keeps_p_minus_one_in_bfloat16():
     BACKEND.row_grad(x, y, SPECS["plain"], stats, GradCoef(A=np.ones(1), C=-np.ones(1)), out)
     exact = 1.0 / (1.0 + 999.0 * np.exp(-15.0)) - 1.0
     assert -4e-4 < exact < -2e-4
-    assert abs(as_f64(out)[0, 3] - exact) <= 2.0**-8 * abs(exact)
+    assert abs(decoded(out)[0, 3] - exact) <= 2.0**-8 * abs(exact)
 
 
 def test_bad_out_raises_value_errors():
@@ -207,7 +209,7 @@ def test_rows_without_b_and_e_terms(loop, rng, dtype, out_dtype, vocab):
     BACKEND.row_grad(x, y, spec, stats, coef, got, None)
     REFERENCE.row_grad(x, y, spec, stats, coef, want, None)
     assert_grad_close(got, want, out_dtype)
-    assert np.all(as_f64(got)[6] == 0.0)
+    assert np.all(decoded(got)[6] == 0.0)
     base = got.base
     assert np.all(base[:, :3] == 7) and np.all(base[:, vocab + 3:] == 7)  # nothing written outside
 
@@ -233,6 +235,6 @@ def test_rows_without_b_and_e_terms_special_values(loop, rng, dtype, out_dtype):
         REFERENCE.row_grad(x, y, spec, stats, coef, want, None)
     got = x.copy() if np.dtype(out_dtype) == x.dtype else np.empty(x.shape, dtype=out_dtype)
     BACKEND.row_grad(got if got.dtype == x.dtype else x, y, spec, stats, coef, got, None)
-    a, b = as_f64(got), as_f64(want)
+    a, b = decoded(got), decoded(want)
     np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
     assert_grad_close(got[2:], want[2:], out_dtype)

@@ -11,6 +11,8 @@ dask = pytest.importorskip("dask")
 
 import ptx_numba as pn  # noqa: E402
 import ptx_numba.dask as pnd  # noqa: E402
+from exact import ce64  # noqa: E402
+from ptx_numba.contract import TOL_FLOAT32, tolerance  # noqa: E402
 from test_cli import expected_loss, run_json  # noqa: E402
 from test_cli_shards import make_shards  # noqa: E402
 
@@ -18,17 +20,6 @@ COMBINE_RTOL = 1e-12  # the same kernels per block: only the float64 combine ord
 # On the cluster the backend is named: under "auto" each worker would first import numba.cuda to
 # look for a GPU (seconds per worker process), which the test does not need to pay for.
 HOST = "cpu" if "cpu" in pn.available_backends() else "reference"
-
-
-def ce_exact(logits, labels, ignore_index=-100):
-    """Per-row float64 CE (0 for ignored rows), shift-invariant form."""
-    z = np.asarray(logits, np.float64).reshape(-1, logits.shape[-1])
-    y = np.asarray(labels).reshape(-1)
-    valid = y != ignore_index
-    top = z.max(axis=1)
-    s = np.exp(z - top[:, None]).sum(axis=1)
-    zy = z[np.arange(len(y)), np.where(valid, y, 0)]
-    return np.where(valid, np.log(s) - (zy - top), 0.0).reshape(np.shape(labels))
 
 
 def batch(rng, shape=(41, 3), vocab=67, dtype=np.float32):
@@ -56,8 +47,8 @@ def test_reductions_equal_single_process(rng, scheduler, dtype):
         got = float(pnd.cross_entropy(dx, dy, reduction=reduction).compute())
         want = pn.cross_entropy(x, y, reduction=reduction)
         assert abs(got - want) <= COMBINE_RTOL * max(1.0, abs(want)), reduction
-    exact = ce_exact(x, y)
-    tol = 2e-5 if dtype == np.float32 else 1e-10
+    exact = ce64(x, y)
+    tol = tolerance(np.dtype(dtype).name)
     got_mean = float(pnd.cross_entropy(dx, dy).compute())
     assert abs(got_mean - exact[y != -100].mean()) <= tol * max(1.0, abs(exact[y != -100].mean()))
     rows = pnd.cross_entropy(dx, dy, reduction="none").compute()
@@ -178,9 +169,9 @@ def test_cli_on_the_cluster_equals_single_process(capsys, rng, tmp_path, client)
     remote = run_json(capsys, "score", d, "--beta", "0.5", "--scheduler", client.scheduler.address,
                       "--checkpoint", ckpt, "--per-row", str(tmp_path / "rows.npy"))
     assert remote["backend"] == local["backend"] and remote["shards_scored"] == 5
-    assert abs(remote["ce"] - local["ce"]) <= 2e-5 * max(1.0, abs(local["ce"]))  # per-row sums: float32 rows
-    assert abs(remote["ce"] - expected_loss(logits, labels, 0.5, 0.0)[2]) <= 2e-5 * max(1.0, local["ce"])
-    np.testing.assert_allclose(np.load(tmp_path / "rows.npy"), ce_exact(logits, labels), rtol=2e-5, atol=2e-5)
+    assert abs(remote["ce"] - local["ce"]) <= TOL_FLOAT32 * max(1.0, abs(local["ce"]))  # per-row sums: float32 rows
+    assert abs(remote["ce"] - expected_loss(logits, labels, 0.5, 0.0)[2]) <= TOL_FLOAT32 * max(1.0, local["ce"])
+    np.testing.assert_allclose(np.load(tmp_path / "rows.npy"), ce64(logits, labels), rtol=TOL_FLOAT32, atol=TOL_FLOAT32)
     with open(ckpt, encoding="utf-8") as f:
         assert len(json.load(f)["shards"]) == 5
     again = run_json(capsys, "score", d, "--beta", "0.5", "--scheduler", client.scheduler.address,
@@ -195,7 +186,7 @@ def test_cli_workers_starts_and_stops_its_own_cluster(capsys, rng, tmp_path):
     logits, labels = make_shards(rng, d, sizes=(6, 5, 7), vocab=19)
     result = run_json(capsys, "score", d, "--workers", "1", "--backend", HOST)
     assert result["shards_scored"] == 3 and result["backend"] == HOST
-    assert abs(result["ce"] - expected_loss(logits, labels, 1, 0)[2]) <= 2e-5 * max(1.0, abs(result["ce"]))
+    assert abs(result["ce"] - expected_loss(logits, labels, 1, 0)[2]) <= TOL_FLOAT32 * max(1.0, abs(result["ce"]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ PRELUDE = textwrap.dedent("""
     import os, sys, warnings
     import numpy as np
     import ptx_numba as pn
+    from ptx_numba.contract import TOL_FLOAT32, rel_error
     from ptx_numba.cpu import threads
 
     SEED = int(sys.argv[1])
@@ -47,8 +48,7 @@ PRELUDE = textwrap.dedent("""
 
     def check(got, want):
         got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-        err = np.abs(got - want) / np.maximum(1.0, np.abs(want))
-        assert got.shape == want.shape and np.all(err <= 2e-5), float(err.max())
+        assert got.shape == want.shape and rel_error(got, want) <= TOL_FLOAT32, rel_error(got, want)
 
     def ce_auto(k):
         x, y = batch(k)

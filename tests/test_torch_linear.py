@@ -6,6 +6,8 @@ F = torch.nn.functional
 pnt = pytest.importorskip("ptx_numba.torch")
 _linear = pytest.importorskip("ptx_numba.torch._linear")
 
+from ptx_numba.contract import TOL_FLOAT32, TOL_FLOAT64  # noqa: E402
+
 IGN = -100
 
 
@@ -60,7 +62,7 @@ def test_matches_torch_autograd(rng, reduction, dtype):
     rows = F.cross_entropy(flat, y.reshape(-1), ignore_index=IGN, reduction="none")
     rows = rows + torch.where(y.reshape(-1) != IGN, 0.01 * torch.logsumexp(flat, -1) ** 2, torch.zeros(()))
     exact = {"none": rows.reshape(y.shape), "sum": rows.sum(), "mean": rows.sum() / int((y != IGN).sum())}[reduction]
-    tol = 1e-10 if dtype == torch.float64 else 2e-5
+    tol = TOL_FLOAT64 if dtype == torch.float64 else TOL_FLOAT32
     assert torch.allclose(loss.detach().double(), exact.detach(), atol=tol, rtol=tol)
     (exact * up.double()).sum().backward()
     for got, ref in zip(ours, e):
