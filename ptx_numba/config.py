@@ -47,6 +47,13 @@ CPU_CHUNK = 2048
 #: e**20 ~ 4.9e8: terms up to e**20 keep float32 lanes far from overflow and lose < 2e-6 to rounding.
 CPU_RESCAN_TRIGGER = 4.0e8
 
+#: The same for the walks that also sum moments (entropy ``t``, KL ``u``): e**12 ~ 1.6e5. Their
+#: finishers subtract (``H = log s - t/s``), so a shift far below the row max amplifies the float32
+#: rounding of ``t`` by about (gap / H): with gaps of 16 (float16 rows at 3e4 offsets) the entropy
+#: missed the 2e-5 contract by up to 5x. A gap of at most 12 keeps it under 1e-5; the cost is about
+#: one extra L1 pass of the first chunk of a row (its shift moves to that chunk's max).
+CPU_MOMENT_RESCAN_TRIGGER = 1.6e5
+
 #: Which exp-sum loop the CPU kernels run (:mod:`ptx_numba.cpu.simd.features`): None = the best
 #: the compile target has ("avx512" where it has AVX-512 F/BW/DQ/VL, else "avx2" with AVX2 + FMA,
 #: else "portable"), or one of those names to lower the choice. It exists so one machine can run

@@ -11,6 +11,8 @@ FLAGS = set(config.CPU_FASTMATH)
 CHUNK = config.CPU_CHUNK
 #: A chunk whose float32 exp-sum exceeds this (or overflows) is re-scanned with its exact max.
 TRIGGER = config.CPU_RESCAN_TRIGGER
+#: The rescan threshold of the walks that also sum moments (see config.CPU_MOMENT_RESCAN_TRIGGER).
+MOMENT_TRIGGER = config.CPU_MOMENT_RESCAN_TRIGGER
 
 
 def jit(parallel: bool = False, strict: bool = False):

@@ -24,7 +24,8 @@ from numba import prange
 from numba.extending import overload
 
 from .._rowpass import StatsSpec
-from ._jit import CHUNK, TRIGGER, jit
+from ._jit import CHUNK, jit
+from ._jit import MOMENT_TRIGGER as TRIGGER
 from .moments import moments_walk, tmax
 from .simd import isa as _isa
 from .simd.expsum import MOMENT_FOR_ISA

@@ -24,7 +24,8 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from ._jit import CHUNK, TRIGGER, jit
+from ._jit import CHUNK, jit
+from ._jit import MOMENT_TRIGGER as TRIGGER
 from .simd.primitives import _EXP_FLAGS, decode, fast_exp, neg_inf_like, zero_like
 
 
