@@ -5,8 +5,10 @@
 Each contender runs in its own subprocess (so its RSS high-water mark is its own): the same
 float32 inputs (seeded), one warm-up call, then the median of ``--repeat`` timed calls, forward and
 forward+backward. Peak extra memory is the RSS high-water mark minus the RSS after the inputs were
-made; for ptx_numba also the tracemalloc peak (NumPy allocations). The matmul share: the time of
-the chunk matmuls alone (``hidden @ weight.T`` for forward) divided by the forward time.
+made (it includes the gradient outputs, ``grad_outputs_mb``, which every contender holds); for
+ptx_numba also the tracemalloc peak (NumPy allocations). The matmul share: one chunk's matmul
+(``hidden[rows] @ weight.T``), its loss kernel and its gradient kernel timed alone, and the
+kernels' time as a share of the matmul's (``loss_share_of_matmul``, ``grad_share_of_matmul``).
 """
 from __future__ import annotations
 
@@ -44,11 +46,30 @@ def _child(which: str, n: int, d: int, vocab: int, repeat: int) -> dict:
         def fwd_bwd():
             return pn.linear_cross_entropy_and_grad(h, w, y)
 
+        from ptx_numba import config
+
+        chunk = max(1, config.LINEAR_CHUNK_BYTES // (vocab * 4))
+        buf = np.empty((min(chunk, n), vocab), np.float32)
+
         def matmul_only():
-            chunk = max(1, (256 * 2**20) // (vocab * 4))
-            buf = np.empty((chunk, vocab), np.float32)
             for s in range(0, n, chunk):
                 np.matmul(h[s:s + chunk], w.T, out=buf[: min(chunk, n - s)])
+
+        def one_chunk():
+            # One chunk's matmul, its loss kernel and its gradient kernel, each timed alone.
+            rows = buf.shape[0]
+            times = {"chunk_matmul_ms": [], "chunk_loss_ms": [], "chunk_grad_ms": []}
+            for _ in range(5):
+                t0 = time.perf_counter()
+                np.matmul(h[:rows], w.T, out=buf)
+                t1 = time.perf_counter()
+                pn.cross_entropy(buf, y[:rows], reduction="none")
+                t2 = time.perf_counter()
+                pn.cross_entropy_and_grad(buf, y[:rows], out=buf)
+                t3 = time.perf_counter()
+                for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                    times[key].append(dt)
+            return {key: statistics.median(v) for key, v in times.items()}
     else:
         import torch
         import torch.nn.functional as F
@@ -71,7 +92,7 @@ def _child(which: str, n: int, d: int, vocab: int, repeat: int) -> dict:
             ww = tw.detach().requires_grad_(True)
             loss(hh, ww).backward()
 
-        matmul_only = None
+        matmul_only = one_chunk = None
     out = {"contender": which}
     for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         fn()
@@ -89,8 +110,15 @@ def _child(which: str, n: int, d: int, vocab: int, repeat: int) -> dict:
         t0 = time.perf_counter()
         matmul_only()
         out["matmul_s"] = round(time.perf_counter() - t0, 3)
+        part = one_chunk()
+        out["chunk_rows"] = buf.shape[0]
+        out.update({k: round(v * 1e3, 2) for k, v in part.items()})  # in ms
+        out["loss_share_of_matmul"] = round(part["chunk_loss_ms"] / part["chunk_matmul_ms"], 3)
+        out["grad_share_of_matmul"] = round(part["chunk_grad_ms"] / part["chunk_matmul_ms"], 3)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["peak_extra_rss_mb"] = round(peak - base, 1)
+    # The gradients (d_hidden, d_weight) are outputs, held by every contender alike.
+    out["grad_outputs_mb"] = round((n * d + vocab * d) * 4 / 2**20, 1)
     out["logits_mb"] = round(n * vocab * 4 / 2**20, 1)
     return out
 

@@ -40,7 +40,9 @@ def _timed_call(backend, logits, labels, encoded):
 
         return lambda: stream_read(encoded)
     if backend == _bench.TORCH:
-        return _bench.torch_call(logits, labels)
+        from ptx_numba._bench_ops import OPS, Inputs
+
+        return OPS["cross_entropy"].torch(Inputs(logits, labels))
     return lambda: cross_entropy(logits, labels, reduction="none", backend=backend)
 
 

@@ -23,7 +23,6 @@ import tempfile
 from dataclasses import dataclass
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-FLOOR_OP = "stream_read"
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def figures(out_dir: str, results_dir: str = RESULTS) -> list[Figure]:
         machines = sorted({r["machine"] for r in rows})
         for machine in machines:
             date, commands = run_info(path, rows, machine)
-            ops = sorted({r["op"] for r in rows if r["machine"] == machine and r["op"] != FLOOR_OP})
+            ops = sorted({r["op"] for r in rows if r["machine"] == machine})
             for op in ops:
                 parts = [stem] + ([_slug(machine)] if len(machines) > 1 else []) + [op]
                 uri = "results/plots/" + "-".join(parts) + ".png"

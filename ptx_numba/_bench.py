@@ -9,9 +9,10 @@ of its calls; GB/s is the bytes of
 logits read (the encoded array: 2 bytes per bfloat16/float16 element) divided by that time; the
 floor is the CPU backend's parallel streaming read (``_bench_floor.stream_read``) of the same array.
 
-Contenders are the available ptx_numba backends (called through the public
-:func:`ptx_numba.cross_entropy` with ``reduction="none"``, validation included), the ``stream-read``
-floor, and PyTorch's ``F.cross_entropy(reduction="none")`` when torch is importable.
+Contenders are the available ptx_numba backends (called through the public function of the op,
+validation included), the ``stream-read`` floor, and PyTorch's expression for the same numbers when
+torch is importable. The ops and their floors are in :mod:`._bench_ops` (``--op``; the default is
+:func:`ptx_numba.cross_entropy` with ``reduction="none"``).
 """
 from __future__ import annotations
 
@@ -28,15 +29,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import _dispatch, _finish, api, config, reference
-from ._rowpass import StatsSpec
+from . import _dispatch
+from ._bench_ops import DEFAULT_OP, OPS, BenchOp, Inputs, floor_call, second_logits
 from ._validate import as_host_logits
 
 DTYPES = ("float32", "bfloat16", "float16", "float64")
 STREAM_READ = "stream-read"
 TORCH = "torch"
-OP_CROSS_ENTROPY = "cross_entropy"
-OP_STREAM_READ = "stream_read"
+OP_CROSS_ENTROPY = DEFAULT_OP
 
 #: The default shape: Llama-3's vocabulary, and few enough rows that the float64 NumPy reference
 #: (the slow one, about 20 ns per element on a laptop-class core) finishes in a couple of seconds.
@@ -211,6 +211,7 @@ class Case:
     rows: int
     vocab: int
     threads: int
+    op: str = DEFAULT_OP
 
 
 @dataclass
@@ -251,66 +252,60 @@ def check_threads(threads: list[int]) -> None:
             raise BenchError(f"--threads {k}: must be between 1 and {limit} (NUMBA_NUM_THREADS)")
 
 
-def torch_call(logits: np.ndarray, labels: np.ndarray) -> Callable[[], Any]:
-    """A zero-copy PyTorch ``F.cross_entropy(reduction="none")`` call on the same buffers."""
-    import torch
-    import torch.nn.functional as F
-
-    if logits.dtype.name == "bfloat16":
-        tensor = torch.from_numpy(logits.view(np.int16)).view(torch.bfloat16)
-    else:
-        tensor = torch.from_numpy(logits)
-    target = torch.from_numpy(labels)
-
-    def call():
-        with torch.no_grad():
-            return F.cross_entropy(tensor, target, reduction="none").float().numpy()
-
-    return call
+def check_ops(names: list[str]) -> list[BenchOp]:
+    """The :data:`._bench_ops.OPS` entries for ``--op`` names."""
+    for name in names:
+        if name not in OPS:
+            raise BenchError(f"unknown op {name!r}; choose from {', '.join(OPS)}")
+    return [OPS[name] for name in names]
 
 
-def _contender_call(name: str, logits: np.ndarray, encoded: np.ndarray, labels: np.ndarray) -> Callable:
+def _contender_call(name: str, op: BenchOp, x: Inputs, encoded: list[np.ndarray]) -> Callable:
     """The zero-argument call that is timed for one contender."""
     if name == STREAM_READ:
-        from ._bench_floor import stream_read
-
-        return lambda: stream_read(encoded)
+        return floor_call(op, x, encoded)
     if name == TORCH:
-        return torch_call(logits, labels)
-    if name == "reference":  # the backend itself, so its rows are the float64 values unrounded
-        spec = StatsSpec(target=True)
-        return lambda: _finish.cross_entropy(reference.BACKEND.row_stats(encoded, labels, spec),
-                                             labels >= 0, encoded.shape[1])
-    return lambda: api.cross_entropy(logits, labels, reduction="none", backend=name)
+        return op.torch(x)
+    return lambda: op.call(x, name)
+
+
+def make_inputs(case: Case, op: BenchOp, seed: int) -> Inputs:
+    """The synthetic arrays of one case (a second logit set for KL, a gradient buffer)."""
+    rng = np.random.default_rng(seed)
+    logits = synthetic_logits(rng, case.rows, case.vocab, case.dtype)
+    labels = rng.integers(0, case.vocab, size=case.rows, dtype=np.int64)
+    second = second_logits(rng, logits) if op.reads == 2 else None
+    return Inputs(logits, labels, second, np.empty_like(logits) if op.grad else None)
 
 
 def run_case(case: Case, contenders: list[str], repeat: int, seed: int = 0) -> list[Result]:
     """Time every contender on one synthetic case; results come back in ``contenders`` order."""
-    rng = np.random.default_rng(seed)
-    logits = synthetic_logits(rng, case.rows, case.vocab, case.dtype)
-    labels = rng.integers(0, case.vocab, size=case.rows, dtype=np.int64)
-    encoded = as_host_logits(logits)[0]
+    op = OPS[case.op]
+    x = make_inputs(case, op, seed)
+    encoded = [as_host_logits(a)[0] for a in (x.logits, x.second) if a is not None]
     results: dict[str, Result] = {}
     with thread_count(case.threads):
-        # The reference goes first: its rows are what every other contender is checked against.
+        # The reference goes first: its values are what every other contender is checked against.
         # It is slow, so it gets few timed calls and no warm-up (it has nothing to compile).
-        ref_call = _contender_call("reference", logits, encoded, labels)
+        ref_call = _contender_call("reference", op, x, encoded)
         if "reference" in contenders:
-            seconds, expected = median_seconds(ref_call, min(repeat, REFERENCE_MAX_REPEAT), warmup=0)
+            seconds, got = median_seconds(ref_call, min(repeat, REFERENCE_MAX_REPEAT), warmup=0)
             results["reference"] = Result("reference", seconds, 0.0)
         else:
-            expected = ref_call()
+            got = ref_call()
+        expected = op.values(got)
+        del got
         calls: dict[str, Callable] = {}
         for name in contenders:
             if name in results:
                 continue
             try:
-                call = _contender_call(name, logits, encoded, labels)
+                call = _contender_call(name, op, x, encoded)
                 got = call()  # warm-up: compiles, and is the result that gets checked
+                err = None if name == STREAM_READ else max_relative_error(op.values(_numpy(got)), expected)
             except Exception as exc:  # e.g. a dtype torch has no CPU kernel for: report it, go on
                 results[name] = Result(name, error=f"{type(exc).__name__}: {exc}".splitlines()[0][:60])
                 continue
-            err = None if name == STREAM_READ else max_relative_error(got, expected)
             results[name] = Result(name, None, err)
             calls[name] = call
         for name, seconds in interleaved_median_seconds(calls, repeat).items():
@@ -318,6 +313,15 @@ def run_case(case: Case, contenders: list[str], repeat: int, seed: int = 0) -> l
     return [results[name] for name in contenders]
 
 
+def _numpy(result: Any) -> Any:
+    """Torch tensors (and tuples of them) as float64 NumPy arrays; anything else unchanged."""
+    if isinstance(result, tuple):
+        return tuple(_numpy(r) for r in result)
+    if hasattr(result, "detach") and hasattr(result, "numpy"):
+        return result.detach().double().numpy()
+    return result
+
+
 def logits_nbytes(case: Case) -> int:
-    """Bytes of logits a contender reads for a case (2 per bfloat16/float16 element)."""
-    return case.rows * case.vocab * numpy_dtype(case.dtype).itemsize
+    """Bytes the floor of a case moves: its op's logit traffic (2 bytes per 16-bit element)."""
+    return case.rows * case.vocab * numpy_dtype(case.dtype).itemsize * OPS[case.op].traffic

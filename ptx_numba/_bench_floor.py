@@ -39,3 +39,28 @@ def stream_read(x: np.ndarray) -> int:
     if n_words:
         total += int(stream_read_kernel(raw[:8 * n_words].view(np.uint64), 1 << 13))
     return total % 2**64
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def stream_copy_kernel(src, dst, block):
+    """Copy ``src`` into ``dst`` (64-bit words), blocks in parallel: a streaming read and write."""
+    n_blocks = (src.size + block - 1) // block
+    for b in prange(n_blocks):
+        for j in range(b * block, min((b + 1) * block, src.size)):
+            dst[j] = src[j]
+
+
+def stream_copy(src: np.ndarray, dst: np.ndarray) -> None:
+    """Copy C-contiguous ``src`` into ``dst`` (same shape and dtype) on Numba's threads.
+
+    The write floor of a gradient: one streaming read and one streaming write of the array, on
+    as many threads as the kernels use (``np.copyto`` runs on one).
+    """
+    if src.shape != dst.shape or src.dtype != dst.dtype:
+        raise ValueError(f"stream_copy: {src.shape} {src.dtype} into {dst.shape} {dst.dtype}")
+    a = src.reshape(-1).view(np.uint8)
+    b = dst.reshape(-1).view(np.uint8)
+    n_words = a.size // 8
+    if n_words:
+        stream_copy_kernel(a[:8 * n_words].view(np.uint64), b[:8 * n_words].view(np.uint64), 1 << 13)
+    b[8 * n_words:] = a[8 * n_words:]

@@ -12,9 +12,9 @@ import os
 import textwrap
 
 from ._bench import (
+    OPS,
     DTYPES,
     OP_CROSS_ENTROPY,
-    OP_STREAM_READ,
     STREAM_READ,
     TORCH,
     BenchError,
@@ -54,7 +54,7 @@ def csv_records(case: Case, results: list[Result], logits_bytes: int, machine: s
         if r.seconds is None:
             continue
         records.append({
-            "op": OP_STREAM_READ if r.backend == STREAM_READ else OP_CROSS_ENTROPY,
+            "op": case.op,
             "backend": r.backend, "dtype": case.dtype, "N": str(case.rows), "V": str(case.vocab),
             "threads": str(case.threads), "machine": machine,
             "seconds": fmt(r.seconds), "gbps": fmt(logits_bytes / r.seconds / 1e9),
@@ -70,7 +70,9 @@ def format_table(case: Case, results: list[Result], logits_bytes: int, machine: 
     floor = _seconds_of(results, STREAM_READ)
     ref = _seconds_of(results, "reference")
     torch_s = _seconds_of(results, TORCH)
-    title = (f"{case.dtype} logits [N={case.rows}, V={case.vocab}], {logits_bytes / 1e6:.1f} MB, "
+    moved = "" if OPS[case.op].traffic == 1 else " moved"  # the floor's bytes: reads, a copy
+    title = (f"{'' if case.op == OP_CROSS_ENTROPY else case.op + ': '}"
+             f"{case.dtype} logits [N={case.rows}, V={case.vocab}], {logits_bytes / 1e6:.1f} MB{moved}, "
              f"{case.threads} thread{'s' if case.threads > 1 else ''} (numba {threading_layer()}), {machine}")
     header = (f"{'backend':<12}{'time ms':>10}{'GB/s':>9}{'% read':>9}{'vs ref':>9}{'vs torch':>10}"
               f"{'max rel err':>13}")
@@ -130,13 +132,12 @@ def _plotted_rows(records: list[dict], machine: str, op: str) -> tuple[list[dict
     A figure of GB/s against V needs several V per line: it takes the N measured at the most
     vocabulary sizes (ties: the largest N); other N appear in the tables, not the figure.
     """
-    rows = [r for r in records if r["machine"] == machine and r["gbps"]
-            and r["op"] in (op, OP_STREAM_READ)]
-    if not any(r["op"] == op for r in rows):
+    rows = [r for r in records if r["machine"] == machine and r["gbps"] and r["op"] == op]
+    if not any(r["backend"] != STREAM_READ for r in rows):
         raise BenchError(f"no measurements for {machine!r} to plot (op {op!r})")
     vocabs: dict[str, set] = {}
     for r in rows:
-        if r["op"] == op:
+        if r["backend"] != STREAM_READ:
             vocabs.setdefault(r["N"], set()).add(r["V"])
     n = max(vocabs, key=lambda k: (len(vocabs[k]), int(k)))
     return [r for r in rows if r["N"] == n], n

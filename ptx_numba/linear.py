@@ -144,6 +144,7 @@ def _run(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing,
         d_hidden = np.zeros((n, w.shape[1]), compute)
         d_weight = np.zeros(w.shape, compute)
         d_bias = np.zeros(vocab, compute) if b is not None else None
+        slab = np.empty((min(vocab, _slab_rows(w.shape[1], compute)), w.shape[1]), compute)
     rows_loss = np.zeros(n)
     buf = np.empty((chunk, vocab), compute)
     for start in range(0, n, chunk):
@@ -156,7 +157,7 @@ def _run(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing,
             coef = _finish.ce_coef(st, g_all[rows], vocab, eps, lam)
             _ops.grad(batch, spec, st, coef, logits, name)  # G overwrites the chunk's logits
             np.matmul(logits, w, out=d_hidden[rows])
-            d_weight += logits.T @ h[rows].astype(compute, copy=False)
+            _add_weight_grad(d_weight, logits, h[rows].astype(compute, copy=False), slab)
             if d_bias is not None:
                 d_bias += logits.sum(axis=0)
     if reduction == "none":
@@ -166,6 +167,26 @@ def _run(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing,
     if not want_grad:
         return (loss,)
     return loss, d_hidden.reshape(batch_shape + (w.shape[1],)), d_weight, d_bias
+
+
+def _slab_rows(d: int, dtype: np.dtype) -> int:
+    """Rows of ``d_weight`` per slab: ``config.LINEAR_SLAB_BYTES`` of them, at least one."""
+    return max(1, config.LINEAR_SLAB_BYTES // max(1, d * np.dtype(dtype).itemsize))
+
+
+def _add_weight_grad(d_weight: np.ndarray, g: np.ndarray, h: np.ndarray, slab: np.ndarray) -> None:
+    """``d_weight += g.T @ h``, one slab of vocabulary rows at a time through ``slab``.
+
+    ``d_weight += g.T @ h`` would allocate (and page in) a temporary as large as ``d_weight``
+    for every chunk; the slab is small and reused, and each slab's product is still a large
+    BLAS matmul (``slab rows x chunk rows x D``).
+    """
+    step = slab.shape[0]
+    for v0 in range(0, d_weight.shape[0], step):
+        v1 = min(v0 + step, d_weight.shape[0])
+        part = slab[: v1 - v0]
+        np.matmul(g[:, v0:v1].T, h, out=part)
+        d_weight[v0:v1] += part
 
 
 def _labels_for(y_chunk: np.ndarray, ignore_index: int) -> np.ndarray:

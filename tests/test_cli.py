@@ -253,6 +253,37 @@ def test_bench_tiny_shape_writes_csv_and_plot(capsys, tmp_path):
         assert len(list(csv.DictReader(f))) == len(rows)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_every_op_checks_its_values_and_counts_its_traffic(capsys, tmp_path, dtype):
+    from ptx_numba._bench_ops import OPS
+
+    table_csv = tmp_path / "ops.csv"
+    backends = "stream-read,reference,cpu" + (",torch" if _bench.torch_importable() else "")
+    argv = ["bench", "--op", ",".join(OPS), "--dtype", dtype, "--vocab", "515", "--rows", "7",
+            "--repeat", "1", "--backends", backends, "--csv", str(table_csv)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    with open(table_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    item = 4 if dtype == "float32" else 2
+    for name, op in OPS.items():
+        mine = {r["backend"]: r for r in rows if r["op"] == name}
+        assert set(mine) == set(backends.split(",")), name
+        for backend, row in mine.items():
+            moved = float(row["gbps"]) * 1e9 * float(row["seconds"])
+            assert moved == pytest.approx(7 * 515 * item * op.traffic, rel=1e-3), (name, backend)
+        assert float(mine["cpu"]["max_rel_err"]) <= TOL_FLOAT32, name
+        assert float(mine["reference"]["max_rel_err"]) == 0.0
+        if name != "cross_entropy":
+            assert f"{name}: {dtype} logits [N=7, V=515]" in out
+
+
+def test_bench_unknown_op_is_a_clear_error(capsys):
+    assert cli.main(["bench", "--op", "cross_entropy,softmax", "--vocab", "10", "--rows", "1"]) != 0
+    err = capsys.readouterr().err
+    assert "unknown op 'softmax'" in err and "Traceback" not in err
+
+
 def test_bench_plot_without_matplotlib_is_a_clear_error(capsys, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -217,3 +217,13 @@ def test_isa_choice_from_config_and_environment(monkeypatch):
     monkeypatch.setattr(config, "CPU_ISA", best)
     monkeypatch.setattr(config, "CPU_AVX2", False)  # the older switch still means "portable"
     assert cpu.loop_isa(np.float64) == "portable"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.int8])
+def test_stream_copy_copies_every_byte(rng, dtype):
+    z = rng.integers(0, 100, size=(3, 70001)).astype(dtype)  # a partial last word
+    out = np.zeros_like(z)
+    _bench_floor.stream_copy(z, out)
+    assert np.array_equal(out, z)
+    with pytest.raises(ValueError, match="stream_copy"):
+        _bench_floor.stream_copy(z, out[:, 1:])

@@ -47,6 +47,14 @@ def _default_threads() -> int:
     return numba.get_num_threads()
 
 
+def _run_case(case, contenders, args, machine) -> list[dict]:
+    """Time one case, print its table; return its CSV records."""
+    results = _bench.run_case(case, contenders, args.repeat, seed=args.seed)
+    nbytes = _bench.logits_nbytes(case)
+    print(_bench_report.format_table(case, results, nbytes, machine), end="\n\n", flush=True)
+    return _bench_report.csv_records(case, results, nbytes, machine)
+
+
 def run(args) -> int:
     """The ``bench`` command."""
     _check_output(args.csv, "--csv")
@@ -55,6 +63,7 @@ def run(args) -> int:
         dtypes = args.dtype or ["float32"]
         for name in dtypes:
             _bench.numpy_dtype(name)
+        ops = [op.name for op in _bench.check_ops(args.op or [_bench.DEFAULT_OP])]
         contenders = _bench.resolve_contenders(args.backends)
         threads = args.threads or [_default_threads()]
         _bench.check_threads(threads)
@@ -62,15 +71,13 @@ def run(args) -> int:
             _bench_report.require_matplotlib()
         machine = _bench.machine_description()
         records: list[dict] = []
-        for dtype in dtypes:
-            for vocab in args.vocab or [_bench.DEFAULT_VOCAB]:
-                for rows in args.rows or [_bench.DEFAULT_ROWS]:
-                    for k in threads:
-                        case = _bench.Case(dtype, rows, vocab, k)
-                        results = _bench.run_case(case, contenders, args.repeat, seed=args.seed)
-                        nbytes = _bench.logits_nbytes(case)
-                        print(_bench_report.format_table(case, results, nbytes, machine), end="\n\n", flush=True)
-                        records += _bench_report.csv_records(case, results, nbytes, machine)
+        for op in ops:
+            for dtype in dtypes:
+                for vocab in args.vocab or [_bench.DEFAULT_VOCAB]:
+                    for rows in args.rows or [_bench.DEFAULT_ROWS]:
+                        for k in threads:
+                            case = _bench.Case(dtype, rows, vocab, k, op)
+                            records += _run_case(case, contenders, args, machine)
         if args.csv:
             records = _bench_report.update_csv(args.csv, records)
             print(f"wrote {args.csv}")
@@ -85,9 +92,11 @@ def run(args) -> int:
 def add_parser(sub, positive_int) -> None:
     """Register the ``bench`` sub-command."""
     bench = sub.add_parser("bench", help="time every backend side by side on synthetic logits",
-                           description="Time every available backend, the stream-read floor and torch.")
+                           description="Time every available backend, the stream-read floor and torch, op by op.")
     bench.add_argument("--vocab", type=int_list, help=f"V values (default {_bench.DEFAULT_VOCAB})")
     bench.add_argument("--rows", type=int_list, help=f"N values (default {_bench.DEFAULT_ROWS})")
+    bench.add_argument("--op", type=name_list,
+                       help=f"ops from {','.join(_bench.OPS)} (default {_bench.DEFAULT_OP})")
     bench.add_argument("--dtype", type=name_list, help=f"from {','.join(_bench.DTYPES)} (default float32)")
     bench.add_argument("--threads", type=int_list, help="thread counts (default: Numba's)")
     bench.add_argument("--repeat", type=positive_int, default=_bench.DEFAULT_REPEAT, help="timed calls")

@@ -1,4 +1,5 @@
-"""The one Numba configuration of the CPU kernels, and the walk's compile-time constants."""
+"""The one Numba configuration of the CPU kernels, the walk's compile-time constants, and how a
+row is cut into pieces for the threads."""
 from __future__ import annotations
 
 from numba import njit
@@ -23,3 +24,17 @@ def jit(parallel: bool = False, strict: bool = False):
     cancellation it exists to avoid (CE 1e-7 came out as 0 at offsets of 2.5e9).
     """
     return njit(fastmath=False if strict else FLAGS, parallel=parallel, cache=True, nogil=True)
+
+
+@jit()
+def piece_bounds(task, pieces_per_row, vocab):
+    """``(row, piece, start, stop)`` of task ``task`` (one piece of one row).
+
+    The parallel kernels run ``n_rows * pieces_per_row`` tasks; a row's pieces have equal lengths
+    but the last (``start >= stop`` for a piece past the end of a short row: an empty piece).
+    """
+    piece_len = (vocab + pieces_per_row - 1) // pieces_per_row
+    row = task // pieces_per_row
+    piece = task - row * pieces_per_row
+    start = piece * piece_len
+    return row, piece, start, min(start + piece_len, vocab)

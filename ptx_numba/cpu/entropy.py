@@ -24,7 +24,7 @@ from numba import prange
 from numba.extending import overload
 
 from .._rowpass import StatsSpec
-from ._jit import CHUNK, jit
+from ._jit import CHUNK, jit, piece_bounds
 from ._jit import MOMENT_TRIGGER as TRIGGER
 from .moments import moments_walk, tmax
 from .simd import isa as _isa
@@ -105,12 +105,8 @@ def entropy_walk(isa, piece):
 @jit(parallel=True)
 def entropy_kernel(isa, flat, row0, stride, n_rows, vocab, pieces_per_row, acc):
     """Fill ``acc[row, piece, 0:3]`` with the ``(m, s, t)`` of every piece of every row."""
-    piece_len = (vocab + pieces_per_row - 1) // pieces_per_row
     for task in prange(n_rows * pieces_per_row):
-        row = task // pieces_per_row
-        piece = task - row * pieces_per_row
-        start = piece * piece_len
-        stop = min(start + piece_len, vocab)
+        row, piece, start, stop = piece_bounds(task, pieces_per_row, vocab)
         if start >= stop:
             acc[row, piece, 0], acc[row, piece, 1], acc[row, piece, 2] = -np.inf, 0.0, 0.0
             continue

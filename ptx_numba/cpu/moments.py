@@ -24,7 +24,7 @@ import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from ._jit import CHUNK, jit
+from ._jit import CHUNK, jit, piece_bounds
 from ._jit import MOMENT_TRIGGER as TRIGGER
 from .simd.primitives import _EXP_FLAGS, decode, fast_exp, neg_inf_like, zero_like
 
@@ -275,12 +275,8 @@ def moments_walk(piece, wpiece, inv_t, cap):
 def moments_kernel(flat, row0, stride, wflat, wrow0, wstride, n_rows, vocab, pieces_per_row,
                    inv_t, cap, acc):
     """Fill ``acc[row, piece, :7]`` with :func:`moments_walk` of every piece of every row."""
-    piece_len = (vocab + pieces_per_row - 1) // pieces_per_row
     for task in prange(n_rows * pieces_per_row):
-        row = task // pieces_per_row
-        piece = task - row * pieces_per_row
-        start = piece * piece_len
-        stop = min(start + piece_len, vocab)
+        row, piece, start, stop = piece_bounds(task, pieces_per_row, vocab)
         if start >= stop:
             acc[row, piece, 0] = -np.inf
             acc[row, piece, 4] = -np.inf

@@ -31,7 +31,7 @@ from numba import prange
 
 from .. import config
 from .._rowpass import RowStats, StatsSpec, empty_stats
-from ._jit import CHUNK, TRIGGER, jit
+from ._jit import CHUNK, TRIGGER, jit, piece_bounds
 from .finish import N_FIELDS, finish_kernel
 from . import entropy as _entropy
 from .moments import moments_kernel
@@ -115,16 +115,6 @@ def piece_stats(isa, piece):
     if not ok:
         m, s, ok = walk(_isa.portable(), piece)
     return m, s
-
-
-@jit()
-def piece_bounds(task, pieces_per_row, vocab):
-    """``(row, piece, start, stop)`` of task ``task`` (one piece of one row)."""
-    piece_len = (vocab + pieces_per_row - 1) // pieces_per_row
-    row = task // pieces_per_row
-    piece = task - row * pieces_per_row
-    start = piece * piece_len
-    return row, piece, start, min(start + piece_len, vocab)
 
 
 @jit(parallel=True)

@@ -46,6 +46,16 @@ def on_simulator() -> bool:
     )
 
 
+def compiled(cache: dict, key, signature, build):
+    """The kernel of ``key`` from ``cache``; compiled on first request as ``build(key)`` for the
+    one signature ``signature(key)`` (so a key is exactly one compiled kernel, whatever the call)."""
+    kernel = cache.get(key)
+    if kernel is None:
+        kernel = cuda.jit(signature(key))(build(key))
+        cache[key] = kernel
+    return kernel
+
+
 def acc_type(encoding: str):
     """The accumulation type: float64 for float64 logits, float32 for the 16/32-bit encodings."""
     if encoding not in ENCODINGS:

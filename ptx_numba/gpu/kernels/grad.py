@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numba
 from numba import types
 
-from . import ELEMENT, acc_type, cuda
+from . import ELEMENT, acc_type, compiled, cuda
 from .load import make_loader, make_scale, make_store
 
 
@@ -63,11 +63,7 @@ def grad_signature(key: GradKey) -> tuple:
 
 def get_grad_kernel(key: GradKey):
     """The kernel for one configuration, compiled on first request (for :func:`grad_signature`)."""
-    kernel = _cache.get(key)
-    if kernel is None:
-        kernel = cuda.jit(grad_signature(key))(build_grad_kernel(key))
-        _cache[key] = kernel
-    return kernel
+    return compiled(_cache, key, grad_signature, build_grad_kernel)
 
 
 def make_grad_row(key: GradKey):

@@ -117,6 +117,28 @@ def make_block_reduce(acc, tpb: int, use_shuffle: bool, kind: str, entropy: bool
     SD = ST if DSUM else 1
     SP = ST if PAIR else 1
 
+    @cuda.jit(device=True)
+    def put(am, as_, at, ad, an, amw, asw, au, af, k, m, s, t, d, n, mw, sw, u, f):
+        # A state into slot k of the shared arrays (only the fields the spec carries).
+        am[k] = m
+        as_[k] = s
+        af[k] = f
+        if ENT:
+            at[k] = t
+        if DSUM:
+            ad[k] = d
+            an[k] = n
+        if PAIR:
+            amw[k] = mw
+            asw[k] = sw
+            au[k] = u
+
+    @cuda.jit(device=True)
+    def get(am, as_, at, ad, an, amw, asw, au, af, k):
+        # The state in slot k (fields the spec does not carry are constant zeros).
+        return (am[k], as_[k], at[k] if ENT else ZERO, ad[k] if DSUM else ZERO, an[k] if DSUM else ZERO,
+                amw[k] if PAIR else ZERO, asw[k] if PAIR else ZERO, au[k] if PAIR else ZERO, af[k])
+
     if use_shuffle:
 
         @cuda.jit(device=True)
@@ -153,30 +175,11 @@ def make_block_reduce(acc, tpb: int, use_shuffle: bool, kind: str, entropy: bool
             warp = tid // _WARP
             m, s, t, d, n, mw, sw, u, f = warp_reduce(m, s, t, d, n, mw, sw, u, f, inv_t)
             if lane == 0:
-                am[warp] = m
-                as_[warp] = s
-                af[warp] = f
-                if ENT:
-                    at[warp] = t
-                if DSUM:
-                    ad[warp] = d
-                    an[warp] = n
-                if PAIR:
-                    amw[warp] = mw
-                    asw[warp] = sw
-                    au[warp] = u
+                put(am, as_, at, ad, an, amw, asw, au, af, warp, m, s, t, d, n, mw, sw, u, f)
             cuda.syncthreads()
             if warp == 0:  # the whole warp takes this branch, so the full mask is right
                 if lane < NWARPS:
-                    m = am[lane]
-                    s = as_[lane]
-                    f = af[lane]
-                    t = at[lane] if ENT else ZERO
-                    d = ad[lane] if DSUM else ZERO
-                    n = an[lane] if DSUM else ZERO
-                    mw = amw[lane] if PAIR else ZERO
-                    sw = asw[lane] if PAIR else ZERO
-                    u = au[lane] if PAIR else ZERO
+                    m, s, t, d, n, mw, sw, u, f = get(am, as_, at, ad, an, amw, asw, au, af, lane)
                 else:
                     m, s, t, d, n, sw, u, f = NEG_INF, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, numba.int32(0)
                     mw = NEG_INF if PAIR else ZERO
@@ -206,67 +209,29 @@ def make_block_reduce(acc, tpb: int, use_shuffle: bool, kind: str, entropy: bool
         base = SLOTS
         while base < TPB:
             if tid >= base and tid < base + SLOTS:
-                k = tid - base
-                am[k] = m
-                as_[k] = s
-                af[k] = f
-                if ENT:
-                    at[k] = t
-                if DSUM:
-                    ad[k] = d
-                    an[k] = n
-                if PAIR:
-                    amw[k] = mw
-                    asw[k] = sw
-                    au[k] = u
+                put(am, as_, at, ad, an, amw, asw, au, af, tid - base, m, s, t, d, n, mw, sw, u, f)
             cuda.syncthreads()
             if tid < SLOTS and tid + base < TPB:
+                m2, s2, t2, d2, n2, mw2, sw2, u2, f2 = get(am, as_, at, ad, an, amw, asw, au, af, tid)
                 m, s, t, d, n, mw, sw, u, f = combine(
-                    m, s, t, d, n, mw, sw, u, f, am[tid], as_[tid], at[tid] if ENT else ZERO,
-                    ad[tid] if DSUM else ZERO, an[tid] if DSUM else ZERO, amw[tid] if PAIR else ZERO,
-                    asw[tid] if PAIR else ZERO, au[tid] if PAIR else ZERO, af[tid], inv_t)
+                    m, s, t, d, n, mw, sw, u, f, m2, s2, t2, d2, n2, mw2, sw2, u2, f2, inv_t)
             cuda.syncthreads()
             base += SLOTS
         if tid < SLOTS:
-            am[tid] = m
-            as_[tid] = s
-            af[tid] = f
-            if ENT:
-                at[tid] = t
-            if DSUM:
-                ad[tid] = d
-                an[tid] = n
-            if PAIR:
-                amw[tid] = mw
-                asw[tid] = sw
-                au[tid] = u
+            put(am, as_, at, ad, an, amw, asw, au, af, tid, m, s, t, d, n, mw, sw, u, f)
         cuda.syncthreads()
         stride = HALF
         while stride > 0:
             if tid < stride and tid + stride < SLOTS:
-                o = tid + stride
-                r = combine(am[tid], as_[tid], at[tid] if ENT else ZERO, ad[tid] if DSUM else ZERO,
-                            an[tid] if DSUM else ZERO, amw[tid] if PAIR else ZERO,
-                            asw[tid] if PAIR else ZERO, au[tid] if PAIR else ZERO, af[tid],
-                            am[o], as_[o], at[o] if ENT else ZERO, ad[o] if DSUM else ZERO,
-                            an[o] if DSUM else ZERO, amw[o] if PAIR else ZERO,
-                            asw[o] if PAIR else ZERO, au[o] if PAIR else ZERO, af[o], inv_t)
-                am[tid] = r[0]
-                as_[tid] = r[1]
-                af[tid] = r[8]
-                if ENT:
-                    at[tid] = r[2]
-                if DSUM:
-                    ad[tid] = r[3]
-                    an[tid] = r[4]
-                if PAIR:
-                    amw[tid] = r[5]
-                    asw[tid] = r[6]
-                    au[tid] = r[7]
+                m, s, t, d, n, mw, sw, u, f = get(am, as_, at, ad, an, amw, asw, au, af, tid)
+                m2, s2, t2, d2, n2, mw2, sw2, u2, f2 = get(am, as_, at, ad, an, amw, asw, au, af,
+                                                           tid + stride)
+                m, s, t, d, n, mw, sw, u, f = combine(
+                    m, s, t, d, n, mw, sw, u, f, m2, s2, t2, d2, n2, mw2, sw2, u2, f2, inv_t)
+                put(am, as_, at, ad, an, amw, asw, au, af, tid, m, s, t, d, n, mw, sw, u, f)
             cuda.syncthreads()
             stride //= 2
-        res = (am[0], as_[0], at[0] if ENT else ZERO, ad[0] if DSUM else ZERO, an[0] if DSUM else ZERO,
-               amw[0] if PAIR else ZERO, asw[0] if PAIR else ZERO, au[0] if PAIR else ZERO, af[0])
+        res = get(am, as_, at, ad, an, amw, asw, au, af, 0)
         cuda.syncthreads()  # the shared arrays are reused by the next row
         return res
 

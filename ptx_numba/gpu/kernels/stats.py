@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numba
 from numba import types
 
-from . import ELEMENT, LAZY_SHIFT, NAN_W, NAN_Z, NINF_Z, UINF, acc_type, cuda
+from . import ELEMENT, LAZY_SHIFT, NAN_W, NAN_Z, NINF_Z, UINF, acc_type, compiled, cuda
 from .finish import make_finish
 from .load import make_domain, make_loader, make_scale
 from .reduce import make_block_reduce
@@ -65,11 +65,7 @@ def stats_signature(key: StatsKey) -> tuple:
 
 def get_stats_kernel(key: StatsKey):
     """The kernel for one configuration, compiled on first request (for :func:`stats_signature`)."""
-    kernel = _cache.get(key)
-    if kernel is None:
-        kernel = cuda.jit(stats_signature(key))(build_stats_kernel(key))
-        _cache[key] = kernel
-    return kernel
+    return compiled(_cache, key, stats_signature, build_stats_kernel)
 
 
 @lru_cache(maxsize=None)
