@@ -5,7 +5,9 @@
 Each contender runs in its own subprocess (so its RSS high-water mark is its own): the same
 float32 inputs (seeded), one warm-up call, then the median of ``--repeat`` timed calls, forward and
 forward+backward. Peak extra memory is the RSS high-water mark minus the RSS after the inputs were
-made (it includes the gradient outputs, ``grad_outputs_mb``, which every contender holds); for
+made (it includes the gradient outputs, ``grad_outputs_mb``, which every contender holds, and the
+libraries' own memory); ``*_call_peak_rss_mb`` is the RSS high-water mark of one call alone, above
+the RSS just before it (after imports, compilation and warm-up); for
 ptx_numba also the tracemalloc peak (NumPy allocations). The matmul share: one chunk's matmul
 (``hidden[rows] @ weight.T``), its loss kernel and its gradient kernel timed alone, and the
 kernels' time as a share of the matmul's (``loss_share_of_matmul``, ``grad_share_of_matmul``).
@@ -25,6 +27,24 @@ import time
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _call_peak_mb(fn) -> float | None:
+    """RSS high-water mark of one call of ``fn`` above the RSS before it (Linux: the peak is reset
+    through ``/proc/self/clear_refs``), so imports, compilation and earlier calls do not count."""
+    import gc
+
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    before = _rss_mb()
+    fn()
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return hwm / 1024 - before
 
 
 def _child(which: str, n: int, d: int, vocab: int, repeat: int) -> dict:
@@ -115,6 +135,10 @@ def _child(which: str, n: int, d: int, vocab: int, repeat: int) -> dict:
         out.update({k: round(v * 1e3, 2) for k, v in part.items()})  # in ms
         out["loss_share_of_matmul"] = round(part["chunk_loss_ms"] / part["chunk_matmul_ms"], 3)
         out["grad_share_of_matmul"] = round(part["chunk_grad_ms"] / part["chunk_matmul_ms"], 3)
+    for name, fn in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
+        peak_mb = _call_peak_mb(fn)
+        if peak_mb is not None:
+            out[f"{name}_call_peak_rss_mb"] = round(peak_mb, 1)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["peak_extra_rss_mb"] = round(peak - base, 1)
     # The gradients (d_hidden, d_weight) are outputs, held by every contender alike.

@@ -144,7 +144,8 @@ def _run(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing,
         d_hidden = np.zeros((n, w.shape[1]), compute)
         d_weight = np.zeros(w.shape, compute)
         d_bias = np.zeros(vocab, compute) if b is not None else None
-        slab = np.empty((min(vocab, _slab_rows(w.shape[1], compute)), w.shape[1]), compute)
+        slab = None if _blas_gemm(compute) else np.empty((min(vocab, _slab_rows(w.shape[1], compute)),
+                                                          w.shape[1]), compute)
     rows_loss = np.zeros(n)
     buf = np.empty((chunk, vocab), compute)
     for start in range(0, n, chunk):
@@ -174,13 +175,33 @@ def _slab_rows(d: int, dtype: np.dtype) -> int:
     return max(1, config.LINEAR_SLAB_BYTES // max(1, d * np.dtype(dtype).itemsize))
 
 
-def _add_weight_grad(d_weight: np.ndarray, g: np.ndarray, h: np.ndarray, slab: np.ndarray) -> None:
-    """``d_weight += g.T @ h``, one slab of vocabulary rows at a time through ``slab``.
+def _blas_gemm(dtype: np.dtype):
+    """SciPy's BLAS ``?gemm`` for ``dtype`` (accumulates in place: ``C = A B + C``), or None."""
+    try:
+        from scipy.linalg import blas
+    except ImportError:
+        return None
+    return blas.dgemm if dtype == np.float64 else blas.sgemm
 
-    ``d_weight += g.T @ h`` would allocate (and page in) a temporary as large as ``d_weight``
-    for every chunk; the slab is small and reused, and each slab's product is still a large
-    BLAS matmul (``slab rows x chunk rows x D``).
+
+def _add_weight_grad(d_weight: np.ndarray, g: np.ndarray, h: np.ndarray, slab: np.ndarray | None) -> None:
+    """``d_weight += g.T @ h`` without a temporary the size of ``d_weight``.
+
+    With SciPy, one BLAS ``gemm`` with ``beta = 1`` accumulates into ``d_weight`` in place (its
+    transpose is the Fortran-ordered ``C`` BLAS wants). Without it, a slab of vocabulary rows at a
+    time goes through the small reused ``slab`` (``+=`` of the whole product would allocate, and
+    page in, a temporary as large as ``d_weight`` for every chunk).
     """
+    gemm = _blas_gemm(d_weight.dtype)
+    if gemm is not None and d_weight.flags.c_contiguous and g.flags.c_contiguous and h.flags.c_contiguous:
+        c = d_weight.T  # [D, V], Fortran-ordered: C = h.T @ g + C is d_weight.T += (g.T @ h).T
+        out = gemm(1.0, h.T, g.T, beta=1.0, c=c, trans_b=True, overwrite_c=True)
+        if not np.shares_memory(out, d_weight):  # BLAS worked on a copy: take its result
+            d_weight[...] = out.T
+        return
+    if slab is None:
+        slab = np.empty((min(d_weight.shape[0], _slab_rows(d_weight.shape[1], d_weight.dtype)),
+                         d_weight.shape[1]), d_weight.dtype)
     step = slab.shape[0]
     for v0 in range(0, d_weight.shape[0], step):
         v1 = min(v0 + step, d_weight.shape[0])

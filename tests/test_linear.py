@@ -119,6 +119,21 @@ def test_token_logprobs_and_entropy(backend, rng):
     np.testing.assert_array_equal(lp_only, lp)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_weight_gradient_without_scipy_goes_through_the_slab(rng, monkeypatch, dtype):
+    """Without SciPy's in-place gemm, d_weight accumulates a slab of rows at a time: same numbers."""
+    from ptx_numba import linear
+
+    monkeypatch.setattr(config, "LINEAR_SLAB_BYTES", 5 * 7 * np.dtype(dtype).itemsize)  # 5 rows a slab
+    h, w, b, y = _problem(rng, dtype=dtype)
+    with_blas = pn.linear_cross_entropy_and_grad(h, w, y, bias=b, chunk_size=3)
+    monkeypatch.setattr(linear, "_blas_gemm", lambda dt: None)
+    slabs = pn.linear_cross_entropy_and_grad(h, w, y, bias=b, chunk_size=3)
+    want = ce_grad64(_logits64(h, w, b), y, IGN).T @ np.asarray(h, np.float64)
+    for got in (with_blas[2], slabs[2]):
+        assert_close(got, want, 10 * _tol(dtype), "d_weight")
+
+
 def test_all_ignored_gives_zero_loss_and_zero_gradients(rng):
     h, w, b, _ = _problem(rng)
     y = np.full(h.shape[0], IGN)
