@@ -12,9 +12,9 @@ import os
 import textwrap
 
 from ._bench import (
-    OPS,
     DTYPES,
     OP_CROSS_ENTROPY,
+    OPS,
     STREAM_READ,
     TORCH,
     BenchError,
